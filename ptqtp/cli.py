@@ -1,0 +1,156 @@
+"""`ptqtp` command line: parses arguments and calls the library; nothing imports this module.
+
+Every `PtqtpError` becomes one line on stderr (`error: ...`) and a non-zero exit; no tracebacks for
+bad input. Set PTQTP_DEBUG=1 to see the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ._version import __version__
+from .errors import PtqtpError
+
+EPILOG = "Docs and examples: README.md. Set PTQTP_DEBUG=1 to show tracebacks."
+
+
+def _add_quantize(sub):
+    p = sub.add_parser(
+        "quantize",
+        help="quantize a Hugging Face model (hub id or folder) to trit-planes",
+        description="Quantize every decoder Linear of MODEL to two ternary planes with fp16 scales per group "
+        "(about 3.45 bits/weight at group size 128), streaming shard by shard, and write a directory that "
+        "loads with `import ptqtp; AutoModelForCausalLM.from_pretrained(OUT)`.",
+        epilog=EPILOG,
+    )
+    p.add_argument("model", help="hub id (e.g. Qwen/Qwen3-8B) or local folder with safetensors")
+    p.add_argument("-o", "--output", "--out", dest="output", required=True, help="output directory")
+    p.add_argument("--group-size", type=int, default=128, help="input columns per scale pair (default 128)")
+    p.add_argument("--method", default="ptqtp",
+                   help="solver: ptqtp (default, ours), paper (Algorithm 1 as published); baselines for "
+                   "comparison: rtn-ternary, rtn-int2, rtn-int3")
+    p.add_argument("--device", default="auto", help="where the solve runs: auto (CUDA if present), cpu, cuda")
+    p.add_argument("--skip", action="append", default=[], metavar="REGEX",
+                   help="keep Linears whose name matches REGEX dense (repeatable); lm_head is always kept")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
+    p.add_argument("--max-iters", type=int, default=50, help="cap on solver rounds per group (default 50)")
+    p.add_argument("--tol", type=float, default=1e-4, help="stop when no scale moves more than this (default 1e-4)")
+    p.add_argument("--calib", default=None, metavar="FILE|NAME",
+                   help="calibration text (plain text or JSONL with a text field): enables GPTQ-style error "
+                   "feedback; without it quantization is calibration-free and streaming")
+    p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
+    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=_run_quantize)
+
+
+def _run_quantize(args) -> int:
+    from .pipeline import run_quantize_cli
+
+    return run_quantize_cli(args)
+
+
+def _add_eval(sub):
+    p = sub.add_parser(
+        "eval",
+        help="perplexity and lm-eval tasks of a dense or quantized model",
+        description="Evaluate MODEL (dense or ptqtp directory, or hub id) through one loading path: "
+        "perplexity on non-overlapping windows, and lm-eval-harness tasks (offline task files in eval/tasks).",
+        epilog=EPILOG,
+    )
+    p.add_argument("model", help="model directory or hub id (dense or ptqtp-quantized)")
+    p.add_argument("--ppl", default=None, metavar="FILE|wikitext2",
+                   help="text file to measure perplexity on, or 'wikitext2' for the bundled WikiText-2 test")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per perplexity window (default 2048)")
+    p.add_argument("--max-windows", type=int, default=None, help="only the first N windows (default: all)")
+    p.add_argument("--tasks", default=None,
+                   help="comma list of lm-eval tasks: arc_easy,piqa,boolq,lambada_openai,gsm8k (offline copies)")
+    p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
+    p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    p.add_argument("--data-dir", default=None, help="folder with the task JSONL files (default: bundled)")
+    p.add_argument("--output", default=None, help="write results JSON here")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from .evaluate import run_eval_cli
+
+    return run_eval_cli(args)
+
+
+def _add_generate(sub):
+    p = sub.add_parser("generate", help="greedy continuation of a prompt, with tokens per second",
+                       description="Load MODEL (ptqtp or dense) and print a greedy continuation of PROMPT.",
+                       epilog=EPILOG)
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from .generation import run_generate_cli
+
+    return run_generate_cli(args)
+
+
+def _add_info(sub):
+    p = sub.add_parser("info", help="format, bits per weight, error summary and backend of a ptqtp directory",
+                       description="Describe a quantized directory: format version, group size, bits per "
+                       "weight, per-layer error summary (from ptqtp_report.json) and which kernel backend runs.",
+                       epilog=EPILOG)
+    p.add_argument("model", nargs="?", default=None, help="ptqtp directory (omit to list backends only)")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args) -> int:
+    from .inspect import run_info_cli
+
+    return run_info_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="ptqtp",
+        description="Post-training ternary quantization (two trit-planes, PTQTP) for Hugging Face LLMs.",
+        epilog=EPILOG,
+    )
+    ap.add_argument("--version", action="version", version=f"ptqtp {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="{quantize,eval,generate,info}")
+    _add_quantize(sub)
+    _add_eval(sub)
+    _add_generate(sub)
+    _add_info(sub)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not getattr(args, "func", None):
+        ap.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except PtqtpError as e:
+        if os.environ.get("PTQTP_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to continue where it stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
