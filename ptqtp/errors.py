@@ -45,3 +45,7 @@ class DiskFullError(PtqtpError, OSError):
 
 class NoBackendError(PtqtpError, RuntimeError):
     """No kernel backend can run the requested op; the message lists every backend's reason."""
+
+
+class DependencyVersionError(PtqtpError, ImportError):
+    """An installed dependency (e.g. transformers) has a version whose API ptqtp does not support."""
