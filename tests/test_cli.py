@@ -75,14 +75,12 @@ def test_console_script_runs():
 
 def _readme_commands() -> list[list[str]]:
     """Every `ptqtp <subcommand> ...` line inside the README's code blocks, as argv lists."""
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```(?:bash|sh|shell|console)?\n(.*?)```", text, re.S)
-    cmds = []
-    for block in blocks:
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split("#", 1)[0].strip()
-            if line.startswith("ptqtp "):
-                cmds.append(shlex.split(line)[1:])
+    cmds, fence = [], None
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            fence = None if fence is not None else line[3:].strip()
+        elif fence in ("bash", "sh", "") and line.startswith("ptqtp "):
+            cmds.append(shlex.split(line, comments=True)[1:])
     return cmds
 
 
