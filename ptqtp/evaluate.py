@@ -163,6 +163,20 @@ def _max_positions(model) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def check_window_options(model, seq_len: int, max_windows: int | None, batch_size: int) -> None:
+    """Reject window settings the model cannot run, before the (slow) tokenization of a long text."""
+    if seq_len < 2:
+        raise BadOptionError(f"--seq-len must be at least 2, got {seq_len}.")
+    limit = _max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise BadOptionError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {limit}; "
+                             f"pass --seq-len {limit} or less.")
+    if max_windows is not None and max_windows < 1:
+        raise BadOptionError(f"--max-windows must be at least 1, got {max_windows}.")
+    if batch_size < 1:
+        raise BadOptionError(f"--batch-size must be at least 1, got {batch_size}.")
+
+
 @torch.inference_mode()
 def perplexity(model, input_ids: torch.Tensor, seq_len: int = 2048, max_windows: int | None = None,
                batch_size: int = 1) -> PerplexityResult:
@@ -175,16 +189,7 @@ def perplexity(model, input_ids: torch.Tensor, seq_len: int = 2048, max_windows:
         max_windows: only the first N windows (None: all).
         batch_size: windows per forward pass (same result, more memory).
     """
-    if seq_len < 2:
-        raise BadOptionError(f"--seq-len must be at least 2, got {seq_len}.")
-    limit = _max_positions(model)
-    if limit is not None and seq_len > limit:
-        raise BadOptionError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {limit}; "
-                             f"pass --seq-len {limit} or less.")
-    if max_windows is not None and max_windows < 1:
-        raise BadOptionError(f"--max-windows must be at least 1, got {max_windows}.")
-    if batch_size < 1:
-        raise BadOptionError(f"--batch-size must be at least 1, got {batch_size}.")
+    check_window_options(model, seq_len, max_windows, batch_size)
     n_tokens = input_ids.numel()
     windows = n_tokens // seq_len
     if windows == 0:
@@ -484,6 +489,7 @@ def evaluate(model_path: str, *, ppl: str | None = None, seq_len: int = 2048, ma
     log(f"loaded {model_path}: method {meta['method']}, {meta['bits_per_weight']} bits/weight, "
         f"{record['dtype']} on {record['device']} ({load_seconds:.1f} s)")
     if text_path is not None:
+        check_window_options(model, seq_len, max_windows, batch_size)
         ids = tokenize_text(tokenizer, read_text(text_path))
         res = perplexity(model, ids, seq_len=seq_len, max_windows=max_windows, batch_size=batch_size)
         record["perplexity"] = {
