@@ -1,0 +1,186 @@
+"""transformers integration: `PtqtpConfig` + `PtqtpHfQuantizer` for `quant_method: "ptqtp"`, and `from_pretrained`.
+
+Imports `config`, `errors`, `format` and (lazily, when a model loads) `replace`. `import ptqtp` calls
+`register()`, after which a plain `AutoModelForCausalLM.from_pretrained(OUT)` builds the model on `meta`,
+swaps every Linear the checkpoint stores packed for an empty `TritPlaneLinear` shell, and lets transformers
+load the packed buffers by name (`X.weight` uint8, `X.weight_scale` fp16, `X.bias`) like any other tensor.
+Nothing is converted at load time, so `save_pretrained` writes the same bytes back.
+
+Without `import ptqtp`, transformers skips an unknown quant_method and would random-initialise the Linears;
+the packed weight is 3-D so that load fails on a size mismatch instead (see `format.py`).
+
+Written against the v5 loader API (transformers >= 5.0, < 6; tested with 5.23): the quantizer hooks it
+relies on are `validate_environment`, `_process_model_before_weight_loading(checkpoint_files=...)` and the
+loading of buffers by state-dict name with the dtype of the module's own buffer.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import pathlib
+
+import transformers
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers import auto as _hf_auto
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from . import format as fmt
+from .config import TritPlaneConfig
+from .errors import BadOptionError, DependencyVersionError, ModelNotFoundError
+
+# transformers versions whose quantizer/loader API this module follows: [MIN, next major)
+MIN_TRANSFORMERS = (5, 0)
+MAX_TRANSFORMERS_MAJOR = 5
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """Raise `DependencyVersionError` unless `version` (default: the installed one) is a supported transformers."""
+    version = version or transformers.__version__
+    try:
+        major, minor = (int(p) for p in version.split(".")[:2])
+    except ValueError:
+        raise DependencyVersionError(f"cannot parse the transformers version {version!r}; install a release: "
+                                     f"pip install 'transformers>={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]},"
+                                     f"<{MAX_TRANSFORMERS_MAJOR + 1}'.") from None
+    if (major, minor) < MIN_TRANSFORMERS or major > MAX_TRANSFORMERS_MAJOR:
+        raise DependencyVersionError(
+            f"transformers {version} is not supported: ptqtp loads through the v5 quantizer API "
+            f"(>={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]},<{MAX_TRANSFORMERS_MAJOR + 1}); "
+            f"run pip install 'transformers>={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]},<{MAX_TRANSFORMERS_MAJOR + 1}'."
+        )
+
+
+class PtqtpConfig(QuantizationConfigMixin):
+    """The `quantization_config` of a ptqtp checkpoint as transformers sees it: a thin adapter over
+    `TritPlaneConfig`, which validates the block and refuses newer format versions (`FormatVersionError`).
+
+    `to_dict()` returns the block as it was read, so `save_pretrained` writes the same `quantization_config`.
+
+    Args:
+        **fields: the `quantization_config` block of config.json (`TritPlaneConfig.to_dict()` keys).
+    """
+
+    def __init__(self, **fields):
+        self._fields = copy.deepcopy(fields)
+        self.tritplane = TritPlaneConfig.from_dict({**fields, "quant_method": fields.get("quant_method", fmt.QUANT_METHOD)})
+        self.quant_method = fmt.QUANT_METHOD
+        self.group_size = self.tritplane.group_size
+        self.modules_to_not_convert = list(self.tritplane.modules_to_not_convert)
+
+    def to_dict(self) -> dict:
+        return {**self.tritplane.to_dict(), **copy.deepcopy(self._fields)}
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+
+def _stored_packed_names(checkpoint_files) -> set[str] | None:
+    """Dotted names of the modules a safetensors checkpoint stores packed (those with `X.weight_scale`)."""
+    if not checkpoint_files:
+        return None
+    from safetensors import safe_open
+
+    suffix = "." + fmt.SCALE_SUFFIX
+    names: set[str] = set()
+    for path in checkpoint_files:
+        if not str(path).endswith(".safetensors"):
+            return None  # not our format (e.g. .bin): fall back to the config's rules
+        with safe_open(str(path), framework="pt") as f:
+            names.update(k[: -len(suffix)] for k in f.keys() if k.endswith(suffix))
+    return names
+
+
+def _to_model_names(stored: set[str], model) -> set[str]:
+    """Map checkpoint module names onto `model`'s (a base model loaded from a CausalLM checkpoint lacks the
+    `model.` prefix, and the other way round)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    have = {n for n, _ in model.named_modules()}
+    out = set()
+    for name in stored:
+        if name not in have and prefix:
+            if name.startswith(prefix + ".") and name[len(prefix) + 1:] in have:
+                name = name[len(prefix) + 1:]
+            elif f"{prefix}.{name}" in have:
+                name = f"{prefix}.{name}"
+        out.add(name)
+    return out
+
+
+class PtqtpHfQuantizer(HfQuantizer):
+    """Loads pre-quantized ptqtp checkpoints: Linears become `TritPlaneLinear` shells before the weights load.
+
+    Quantizing while loading is not supported (`ptqtp quantize` or `ptqtp.quantize_model` do that).
+    """
+
+    requires_calibration = False
+
+    def validate_environment(self, *args, **kwargs):
+        check_transformers_version()
+        if not self.pre_quantized:
+            raise BadOptionError(
+                "ptqtp does not quantize while loading: quantize first (`ptqtp quantize MODEL -o OUT` or "
+                "`ptqtp.quantize_model(model)` + `save_pretrained(OUT)`), then load OUT without quantization_config."
+            )
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        from .replace import replace_linear
+
+        stored = _stored_packed_names(checkpoint_files)
+        names = None if stored is None else _to_model_names(stored, model)
+        replace_linear(model, self.quantization_config.tritplane, names=names)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
+
+    def is_serializable(self, *args, **kwargs):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Make `quant_method: "ptqtp"` known to transformers (idempotent; `import ptqtp` calls it)."""
+    if _hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(fmt.QUANT_METHOD) is not PtqtpConfig:
+        _hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(fmt.QUANT_METHOD, None)  # a stale class from a reload
+        register_quantization_config(fmt.QUANT_METHOD)(PtqtpConfig)
+    if _hf_auto.AUTO_QUANTIZER_MAPPING.get(fmt.QUANT_METHOD) is not PtqtpHfQuantizer:
+        _hf_auto.AUTO_QUANTIZER_MAPPING.pop(fmt.QUANT_METHOD, None)
+        register_quantizer(fmt.QUANT_METHOD)(PtqtpHfQuantizer)
+
+
+def _looks_local(path: str) -> bool:
+    """True for a path that cannot be a hub id ("org/name"): absolute, relative with ./ or ~, or deeper."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
+
+
+def from_pretrained(path: str | os.PathLike, **kwargs):
+    """Load a ptqtp (or dense) causal LM directory or hub id with `AutoModelForCausalLM.from_pretrained`.
+
+    Args:
+        path: directory written by `ptqtp quantize` / `save_pretrained`, or a hub id.
+        **kwargs: passed on, e.g. `dtype=torch.bfloat16`, `device_map="auto"`, `low_cpu_mem_usage=True`.
+
+    Raises:
+        ModelNotFoundError: `path` is a local path that does not exist.
+        FormatVersionError: the checkpoint was written by a newer ptqtp format.
+        DependencyVersionError: the installed transformers is not supported.
+    """
+    check_transformers_version()
+    register()
+    path = str(path)
+    if not os.path.exists(os.path.expanduser(path)) and _looks_local(path):
+        raise ModelNotFoundError(f"model directory {path!r} does not exist; pass the folder written by "
+                                 "`ptqtp quantize -o OUT` (or a hub id).")
+    if os.path.isdir(os.path.expanduser(path)) and not (pathlib.Path(path).expanduser() / "config.json").is_file():
+        raise ModelNotFoundError(f"{path!r} has no config.json; pass the folder written by `ptqtp quantize -o OUT`.")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **kwargs)

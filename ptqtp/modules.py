@@ -1,0 +1,100 @@
+"""`TritPlaneLinear`: the drop-in replacement for `nn.Linear` that holds a weight as two packed trit-planes.
+
+Imports only `ops`, `packing` and `format` (never transformers). The module owns buffers in the storage
+format of `format.py` and nothing else; the maths lives in the one op `torch.ops.ptqtp.trit_linear`, so a
+kernel backend can change without touching this class.
+
+Dtypes under `model.to(...)`, `.half()`, `.bfloat16()`:
+- `weight` (packed uint8) is an integer tensor, which torch never casts: it only moves between devices.
+- `weight_scale` stays float16 bit for bit. Scales are stored and solved as fp16; a cast to bf16 would drop
+  three mantissa bits and change every output, and a cast to fp32 would double their memory for no gain.
+  The op upcasts them to the activation dtype itself.
+- `bias` follows the model dtype, exactly as `nn.Linear.bias` would.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import format as fmt
+from . import ops
+from .packing import PackedTritPlanes
+
+# All digits 1 (trit 0): an unloaded shell computes y = bias instead of garbage.
+_ZERO_TRITS_BYTE = sum(fmt.DIGIT_WEIGHTS)
+
+
+class TritPlaneLinear(nn.Module):
+    """y = x @ W.T + bias with W (out, in) = a1 * T1 + a2 * T2, trits packed 5 per byte, fp16 scales per group.
+
+    Buffers (the names and shapes of the checkpoint, see `ptqtp.format`):
+        weight:       uint8   (2, out_features, ceil(in_features / 5))
+        weight_scale: float16 (2, out_features, ceil(in_features / group_size))
+        bias:         (out_features,) in the model dtype, or None
+
+    Args:
+        in_features, out_features: as for `nn.Linear`.
+        bias: whether the layer has a bias.
+        group_size: input columns sharing one pair of scales.
+        device, dtype: where the buffers live; `dtype` is the bias dtype (weights have fixed dtypes).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 group_size: int = fmt.DEFAULT_GROUP_SIZE, device=None, dtype=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        self.register_buffer("weight", torch.full(fmt.packed_shape(out_features, in_features), _ZERO_TRITS_BYTE,
+                                                  dtype=torch.uint8, device=device))  # (2, out, ceil(in/5))
+        self.register_buffer("weight_scale", torch.zeros(fmt.scale_shape(out_features, in_features, group_size),
+                                                         dtype=torch.float16, device=device))  # (2, out, G)
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))  # (out,)
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_packed(cls, packed: PackedTritPlanes, bias: torch.Tensor | None = None) -> "TritPlaneLinear":
+        """Wrap packed planes (shared, not copied) and an optional bias (out,) into a module."""
+        module = cls(packed.in_features, packed.out_features, bias=bias is not None, group_size=packed.group_size,
+                     device="meta")
+        module.weight = packed.packed.to(torch.uint8)
+        module.weight_scale = packed.scales.to(torch.float16)
+        if bias is not None:
+            if tuple(bias.shape) != (packed.out_features,):
+                raise ValueError(f"bias shape {tuple(bias.shape)} does not match out_features={packed.out_features}")
+            module.bias = bias.detach()
+        return module
+
+    def packed(self) -> PackedTritPlanes:
+        """The stored planes and scales as a `PackedTritPlanes` (views, not copies)."""
+        return PackedTritPlanes(self.weight, self.weight_scale, self.in_features, self.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
+        return ops.trit_linear(x, self.weight, self.weight_scale, self.bias, self.group_size, self.in_features)
+
+    def _apply(self, fn, recurse=True):
+        # Keep the fp16 scales bit-exact under dtype casts (see the module docstring) while still letting them
+        # move between devices: `fn` sees an int16 view, which `Module.to(dtype)` and `.half()` leave alone.
+        scales = self._buffers.get("weight_scale")
+
+        def keep_scales_fp16(t):
+            if t is scales and t.dtype == torch.float16:
+                return fn(t.view(torch.int16)).view(torch.float16)
+            return fn(t)
+
+        return super()._apply(keep_scales_fp16, recurse)
+
+    def bits_per_weight(self) -> float:
+        return fmt.bits_per_weight(self.out_features, self.in_features, self.group_size)
+
+    def backend_name(self) -> str:
+        """Kernel family that runs this layer (the pure-torch reference until a faster backend applies)."""
+        return "reference"
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"bits_per_weight={self.bits_per_weight():.2f}, group_size={self.group_size}, "
+                f"backend={self.backend_name()}")
