@@ -1,0 +1,446 @@
+"""Safetensors shards on disk: atomic streaming writes, index, metadata, and validation of ptqtp directories.
+
+Imports only `errors`, `format`, `config` (and `_version`). Never imports transformers.
+
+Shards are written by `ShardWriter`: the header is computed up front from the planned tensor list, so tensors
+stream into the file one at a time (peak memory is one tensor, not one shard) and the bytes depend only on
+the plan and the tensor values, never on timing or dict order. A shard appears under its final name only
+when complete (temp name, fsync, `os.replace`). Reading goes through `read_header`, which checks a file's
+structure and names the file in every error, so truncation or corruption never surfaces as a crash deep
+inside safetensors.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import pathlib
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from . import format as fmt
+from .config import TritPlaneConfig
+from .errors import BadOptionError, CorruptCheckpointError, DiskFullError, FormatVersionError, UnsupportedCheckpointError
+
+SINGLE_SHARD_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+TMP_MARK = ".ptqtp-tmp"  # files holding this in their name are incomplete writes
+
+# torch dtype <-> safetensors dtype tag
+_DTYPE_TAGS = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+    torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+}
+_TAG_DTYPES = {v: k for k, v in _DTYPE_TAGS.items()}
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def dtype_tag(dtype: torch.dtype) -> str:
+    return _DTYPE_TAGS[dtype]
+
+
+def tag_dtype(tag: str) -> torch.dtype:
+    return _TAG_DTYPES[tag]
+
+
+def nbytes(dtype: torch.dtype, shape) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def scale_name(weight_name: str) -> str:
+    """Name of the scales beside a packed tensor: `X.weight` -> `X.weight_scale`; a fused expert `P` -> `P_scale`."""
+    if weight_name.endswith("." + fmt.WEIGHT_SUFFIX):
+        return weight_name[: -len(fmt.WEIGHT_SUFFIX)] + fmt.SCALE_SUFFIX
+    return weight_name + "_scale"
+
+
+def ptqtp_metadata() -> dict[str, str]:
+    """Safetensors `__metadata__` of every shard ptqtp writes."""
+    return {fmt.META_FORMAT: "pt", fmt.META_QUANT_METHOD: fmt.QUANT_METHOD,
+            fmt.META_FORMAT_VERSION: str(fmt.FORMAT_VERSION)}
+
+
+def parse_size(value) -> int:
+    """'5GB' / '500MB' / '64KiB' / 1000000 -> bytes (GB = 10^9, GiB = 2^30, as transformers reads them)."""
+    if isinstance(value, int) and value > 0:
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(value), flags=re.IGNORECASE)
+    if not m:
+        raise BadOptionError(f"--max-shard-size {value!r} is not a size; use e.g. 5GB, 500MB or a byte count.")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    n = int(float(m.group(1)) * mult)
+    if n <= 0:
+        raise BadOptionError(f"--max-shard-size must be positive, got {value!r}.")
+    return n
+
+
+def _disk_full(path, e: OSError) -> DiskFullError:
+    return DiskFullError(f"no space left on the device while writing {path}; free some space (or choose another -o "
+                         "directory) and rerun with --resume.")
+
+
+def _raise_os(path, e: OSError):
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise _disk_full(path, e) from None
+    raise e
+
+
+def tmp_path_for(path: pathlib.Path) -> pathlib.Path:
+    return path.with_name(f".{path.name}{TMP_MARK}-{os.getpid()}")
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write `data` to `path` under a temp name, fsync, rename; ENOSPC becomes `DiskFullError`."""
+    path = pathlib.Path(path)
+    tmp = tmp_path_for(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        _raise_os(path, e)
+
+
+def atomic_write_json(path, obj) -> None:
+    """JSON with sorted keys and a trailing newline, so equal content gives equal bytes."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as planned or as found in a file header."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes(self.dtype, self.shape)
+
+
+class ShardWriter:
+    """Streams the planned tensors of one shard into `path`, in plan order, then renames it into place.
+
+    Usage: `with ShardWriter(path, specs, metadata) as w: for t in ...: w.write(name, t)`. Leaving the block
+    with an exception removes the temp file; leaving it normally checks that every tensor was written.
+    """
+
+    def __init__(self, path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+        self.path = pathlib.Path(path)
+        self.specs = list(specs)
+        self._next = 0
+        self._tmp = tmp_path_for(self.path)
+        header: dict = {"__metadata__": dict(sorted((metadata or {}).items()))}
+        offset = 0
+        for s in self.specs:
+            header[s.name] = {"dtype": dtype_tag(s.dtype), "shape": list(s.shape),
+                              "data_offsets": [offset, offset + s.nbytes]}
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        self._prefix = len(raw).to_bytes(8, "little") + raw
+        self.size = len(self._prefix) + offset
+        self._f = None
+        self._hash = hashlib.sha256()
+
+    def __enter__(self) -> "ShardWriter":
+        try:
+            self._f = open(self._tmp, "wb")
+            self._put(self._prefix)
+        except OSError as e:
+            self._abort()
+            _raise_os(self.path, e)
+        return self
+
+    def _put(self, data) -> None:
+        self._f.write(data)
+        self._hash.update(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        spec = self.specs[self._next] if self._next < len(self.specs) else None
+        if spec is None or spec.name != name or tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise RuntimeError(f"shard writer got {name} {tensor.dtype} {tuple(tensor.shape)}, planned {spec}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        try:
+            self._put(memoryview(data))
+        except OSError as e:
+            self._abort()
+            _raise_os(self.path, e)
+        self._next += 1
+
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def _abort(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        self._tmp.unlink(missing_ok=True)
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self._abort()
+            return False
+        if self._next != len(self.specs):
+            self._abort()
+            raise RuntimeError(f"shard {self.path.name} closed after {self._next} of {len(self.specs)} tensors")
+        try:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+            self._f = None
+            os.replace(self._tmp, self.path)
+        except OSError as e:
+            self._abort()
+            _raise_os(self.path, e)
+        return False
+
+
+def write_shard(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write a whole dict of tensors as one shard (names sorted); returns the file's sha256."""
+    specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in sorted(tensors.items())]
+    with ShardWriter(path, specs, metadata) as w:
+        for s in specs:
+            w.write(s.name, tensors[s.name])
+    return w.sha256()
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class ShardHeader:
+    """The parsed header of one safetensors file: tensors (in file order), metadata, data start offset."""
+
+    path: pathlib.Path
+    tensors: dict[str, TensorSpec]
+    offsets: dict[str, tuple[int, int]]
+    metadata: dict[str, str]
+    data_start: int
+
+
+def _corrupt(path, what: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(f"{path} is not a valid safetensors file ({what}); the file is truncated or "
+                                  "corrupted: download or write it again.")
+
+
+def read_header(path) -> ShardHeader:
+    """Parse and check a safetensors header against the file size; every failure names the file."""
+    path = pathlib.Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _corrupt(path, f"only {size} bytes")
+            n = int.from_bytes(head, "little")
+            if n > _MAX_HEADER or 8 + n > size:
+                raise _corrupt(path, f"header length {n} does not fit in {size} bytes")
+            raw = f.read(n)
+    except OSError as e:
+        raise CorruptCheckpointError(f"cannot read {path} ({e.strerror}); check the path and permissions.") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _corrupt(path, f"unreadable header: {e}") from None
+    meta = header.pop("__metadata__", None) or {}
+    tensors, offsets, spans = {}, {}, []
+    try:
+        for name, info in header.items():
+            dtype = tag_dtype(info["dtype"])
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+            if end - begin != nbytes(dtype, shape):
+                raise ValueError(f"tensor {name} has {end - begin} bytes for shape {shape}")
+            tensors[name] = TensorSpec(name, dtype, shape)
+            offsets[name] = (begin, end)
+            spans.append((begin, end))
+    except (KeyError, TypeError, ValueError) as e:
+        raise _corrupt(path, f"bad tensor entry: {e}") from None
+    spans.sort()
+    pos = 0
+    for begin, end in spans:
+        if begin != pos:
+            raise _corrupt(path, "tensor data offsets overlap or leave gaps")
+        pos = end
+    if 8 + n + pos != size:
+        raise _corrupt(path, f"expected {8 + n + pos} bytes, found {size}")
+    return ShardHeader(path, tensors, offsets, {str(k): str(v) for k, v in meta.items()}, 8 + n)
+
+
+def read_tensor(header: ShardHeader, name: str) -> torch.Tensor:
+    """One tensor read with plain file I/O (no mmap, so resident memory stays one tensor)."""
+    spec = header.tensors[name]
+    begin, end = header.offsets[name]
+    buf = bytearray(end - begin)
+    try:
+        with open(header.path, "rb") as f:
+            f.seek(header.data_start + begin)
+            if f.readinto(buf) != len(buf):
+                raise _corrupt(header.path, f"short read of {name}")
+    except OSError as e:
+        raise CorruptCheckpointError(f"cannot read {header.path} ({e.strerror}); check the file.") from None
+    if not buf:
+        return torch.empty(spec.shape, dtype=spec.dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(spec.dtype).reshape(spec.shape)
+
+
+def shard_files(model_dir) -> list[pathlib.Path]:
+    """The safetensors files of a model directory: from the index when there is one, else `*.safetensors`."""
+    d = pathlib.Path(model_dir)
+    index = d / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptCheckpointError(f"{index} is not a valid index ({e}); write or download it again.") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (d / n).is_file()]
+        if missing:
+            raise CorruptCheckpointError(f"{index} lists {missing[0]}, which is missing from {d}; "
+                                         "the download or write is incomplete.")
+        return [d / n for n in names]
+    return sorted(p for p in d.glob("*.safetensors") if TMP_MARK not in p.name)
+
+
+def check_metadata_version(header: ShardHeader) -> None:
+    """A shard written by a newer ptqtp format refuses to load."""
+    v = header.metadata.get(fmt.META_FORMAT_VERSION)
+    if v is None:
+        return
+    try:
+        version = int(v)
+    except ValueError:
+        raise _corrupt(header.path, f"metadata {fmt.META_FORMAT_VERSION}={v!r}") from None
+    if version > fmt.FORMAT_VERSION:
+        raise FormatVersionError(f"{header.path} uses ptqtp format version {version}, newer than this ptqtp reads "
+                                 f"({fmt.FORMAT_VERSION}); upgrade ptqtp (pip install -U ptqtp).")
+
+
+def _fits(in_lo: int, in_hi: int, n: int, per: int) -> bool:
+    """True if some in_features in [in_lo, in_hi] gives ceil(in / per) == n."""
+    return any(math.ceil(i / per) == n for i in range(max(in_lo, 1), in_hi + 1))
+
+
+def check_pair(path, name: str, packed: TensorSpec, scales: TensorSpec, group_size: int) -> None:
+    """Shapes of a packed tensor and its scales agree with each other and with `group_size`."""
+    ok = (packed.dtype == torch.uint8 and scales.dtype == torch.float16 and len(packed.shape) in (3, 4)
+          and len(scales.shape) == len(packed.shape) and packed.shape[:-1] == scales.shape[:-1]
+          and packed.shape[-3] == fmt.NUM_PLANES)
+    nb = packed.shape[-1] if packed.shape else 0
+    if ok:
+        lo, hi = 5 * nb - 4, 5 * nb
+        groups = scales.shape[-1]
+        ok = _fits(lo, hi, groups, group_size)
+    if not ok:
+        raise CorruptCheckpointError(
+            f"{path}: {name} {packed.dtype} {packed.shape} with scales {scales.dtype} {scales.shape} does not fit "
+            f"group_size={group_size} of config.json (expected uint8 (2, out, ceil(in/5)) and float16 "
+            "(2, out, ceil(in/group_size))); the checkpoint is corrupt or its config was edited.")
+
+
+@dataclass
+class CheckpointInfo:
+    """What `validate_checkpoint` found: config, files, and the quantized tensors with their byte counts."""
+
+    path: pathlib.Path
+    config: TritPlaneConfig
+    hf_config: dict
+    files: list[pathlib.Path]
+    quantized: dict[str, tuple[TensorSpec, TensorSpec]] = field(default_factory=dict)  # name -> (packed, scales)
+    dense: dict[str, TensorSpec] = field(default_factory=dict)
+    file_bytes: int = 0
+
+    @property
+    def quantized_bytes(self) -> int:
+        return sum(p.nbytes + s.nbytes for p, s in self.quantized.values())
+
+
+def read_hf_config(model_dir) -> dict:
+    path = pathlib.Path(model_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise UnsupportedCheckpointError(f"{model_dir} has no config.json, so it is not a Hugging Face model folder; "
+                                         "point at the folder save_pretrained wrote.")
+    try:
+        cfg = json.loads(path.read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+        return cfg
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(f"{path} is not valid JSON ({e}); restore the file.") from None
+
+
+def validate_checkpoint(model_dir, *, deep: bool = False) -> CheckpointInfo:
+    """Check a ptqtp directory without loading a model: config, format version, every header, shape agreement.
+
+    Args:
+        model_dir: folder with config.json (holding a ptqtp `quantization_config`) and safetensors shards.
+        deep: also read every packed tensor and its scales: bytes must be valid base-3 (<= 242) and scales
+            finite (slow on big models; catches flipped data bytes that the header check cannot see).
+    """
+    d = pathlib.Path(model_dir)
+    hf_config = read_hf_config(d)
+    qc = hf_config.get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != fmt.QUANT_METHOD:
+        raise UnsupportedCheckpointError(f"{d} is not a ptqtp checkpoint (config.json has no ptqtp "
+                                         "quantization_config); quantize it first with `ptqtp quantize`.")
+    config = TritPlaneConfig.from_dict(qc)
+    files = shard_files(d)
+    if not files:
+        raise CorruptCheckpointError(f"{d} has no safetensors shards; the write is incomplete, run ptqtp quantize "
+                                     "again with --resume.")
+    info = CheckpointInfo(d, config, hf_config, files)
+    for path in files:
+        header = read_header(path)
+        check_metadata_version(header)
+        info.file_bytes += path.stat().st_size
+        scales = {n for n in header.tensors if n.endswith(fmt.SCALE_SUFFIX) or n.endswith("_scale")}
+        for name, spec in header.tensors.items():
+            if name in scales:
+                continue
+            sname = scale_name(name)
+            if sname in header.tensors:
+                check_pair(path, name, spec, header.tensors[sname], config.group_size)
+                info.quantized[name] = (spec, header.tensors[sname])
+                if deep:
+                    _deep_check(header, name, sname)
+            else:
+                info.dense[name] = spec
+        orphans = [s for s in scales if not any(scale_name(n) == s for n in header.tensors)]
+        if orphans:
+            raise CorruptCheckpointError(f"{path}: {orphans[0]} has no packed weight beside it; the shard is "
+                                         "corrupt, quantize again.")
+    return info
+
+
+def _deep_check(header: ShardHeader, name: str, sname: str) -> None:
+    packed = read_tensor(header, name)
+    if packed.numel() and int(packed.max()) >= 3 ** fmt.TRITS_PER_BYTE:
+        raise _corrupt(header.path, f"{name} holds byte values above 242, impossible in base-3 packing")
+    scales = read_tensor(header, sname)
+    if not torch.isfinite(scales).all():
+        raise _corrupt(header.path, f"{sname} holds NaN or Inf scales")

@@ -1,0 +1,189 @@
+"""The source side of `ptqtp quantize`: resolve MODEL, list its tensors, pick what to quantize, stream tensors.
+
+Imports `errors`, `format`, `config`, `checkpoint`; `huggingface_hub` only when MODEL is a hub id. The model
+class is never instantiated: tensors are chosen from their names and shapes in the safetensors headers, and
+read one at a time (`safetensors.safe_open`, opened per tensor so no mapping of a whole shard stays resident).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+from dataclasses import dataclass
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import TritPlaneConfig
+from .errors import CorruptCheckpointError, ModelNotFoundError, UnsupportedCheckpointError
+
+# What a hub download fetches: weights as safetensors, configs, tokenizer and chat-template files.
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.txt",
+                "*.jinja", "*.tiktoken", "*.py"]
+
+# A decoder layer: `...layers.<N>.` (Llama, Qwen, Mistral, Mixtral, Gemma, Phi-3, DeepSeek, ...).
+_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
+# Sub-models that stay dense even though they have `layers.N.` inside (vision / audio towers, projectors).
+_DENSE_TOWERS = {"vision_tower", "visual", "vision_model", "vision_encoder", "audio_tower", "audio_model",
+                 "audio_encoder", "multi_modal_projector", "mm_projector", "vision_projection"}
+# Module leaf names that are MoE routers (scores per expert): quantizing them perturbs routing itself.
+_ROUTERS = {"gate", "router", "shared_expert_gate", "gate_network"}
+# Leaf-name fragments of parameters that are not Linears (norms, embeddings, convolutions, positions).
+_NOT_LINEAR = ("norm", "embed", "conv", "rotary", "ln_", "layernorm")
+
+QUANTIZE = "quantize"  # 2-D Linear weight (out, in)
+QUANTIZE_EXPERTS = "quantize-experts"  # fused 3-D expert tensor (E, out, in), quantized per expert
+DENSE = "dense"
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of the source checkpoint: where it lives and what ptqtp will do with it."""
+
+    name: str
+    file: pathlib.Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    action: str  # QUANTIZE, QUANTIZE_EXPERTS or DENSE
+    module: str  # the owning module's dotted name (the name without `.weight`)
+    reason: str  # why it stays dense ("" when quantized)
+
+
+def _looks_like_path(model: str) -> bool:
+    """Hub ids are `name` or `owner/name`; anything else path-like is meant as a folder."""
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+
+
+def resolve_model(model, revision: str | None = None) -> pathlib.Path:
+    """A local folder as is; otherwise a hub id downloaded (safetensors only) into the HF cache.
+
+    Honours HF_HOME / HF_HUB_CACHE, HF_TOKEN and HF_HUB_OFFLINE through `huggingface_hub` itself.
+    """
+    p = pathlib.Path(os.path.expanduser(str(model)))
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise ModelNotFoundError(f"{model} is a file, not a model folder; pass the folder holding config.json.")
+    if _looks_like_path(str(model)):
+        raise ModelNotFoundError(f"folder {model} does not exist; check the path (or pass a hub id like "
+                                 "Qwen/Qwen3-8B).")
+    return _download(str(model), revision)
+
+
+def _download(repo_id: str, revision: str | None) -> pathlib.Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub import errors as hf_errors
+    except ImportError:
+        raise ModelNotFoundError(f"{repo_id} is not a local folder and huggingface_hub is not installed; "
+                                 "pip install huggingface_hub, or pass a local folder.") from None
+    try:
+        path = snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS)
+    except hf_errors.HFValidationError:
+        raise ModelNotFoundError(f"{repo_id!r} is neither an existing folder nor a valid hub id (owner/name); "
+                                 "check the spelling.") from None
+    except hf_errors.GatedRepoError:
+        raise ModelNotFoundError(f"{repo_id} is gated; accept its licence on huggingface.co and log in "
+                                 "(hf auth login or HF_TOKEN).") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise ModelNotFoundError(f"no model {repo_id} on the hub (or it is private); check the id, or log in "
+                                 "with HF_TOKEN for a private model.") from None
+    except hf_errors.RevisionNotFoundError:
+        raise ModelNotFoundError(f"{repo_id} has no revision {revision!r}; check --revision.") from None
+    except hf_errors.LocalEntryNotFoundError:
+        raise ModelNotFoundError(f"{repo_id} is not in the local Hugging Face cache and the hub cannot be reached "
+                                 "(offline, or HF_HUB_OFFLINE=1); connect, or pass a local folder.") from None
+    except hf_errors.HfHubHTTPError as e:
+        raise ModelNotFoundError(f"the hub refused {repo_id} ({str(e).splitlines()[0]}); check the id and your "
+                                 "token.") from None
+    except OSError as e:  # connection failures surface as OSError subclasses
+        raise ModelNotFoundError(f"cannot reach the Hugging Face hub for {repo_id} ({type(e).__name__}); check "
+                                 "the network, or pass a local folder.") from None
+    return pathlib.Path(path)
+
+
+def check_source(model_dir: pathlib.Path) -> dict:
+    """The source's config.json, after refusing folders ptqtp cannot quantize (each with the fix)."""
+    cfg = ckpt.read_hf_config(model_dir)
+    qc = cfg.get("quantization_config")
+    if qc is not None:
+        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
+        raise UnsupportedCheckpointError(f"{model_dir} is already quantized (quant_method {method!r}); quantize "
+                                         "the original full-precision model instead.")
+    if "ptqtp_baseline" in cfg:
+        raise UnsupportedCheckpointError(f"{model_dir} is a ptqtp baseline (fake-quantized weights); quantize "
+                                         "the original full-precision model instead.")
+    if not ckpt.shard_files(model_dir):
+        bins = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if bins:
+            raise UnsupportedCheckpointError(
+                f"{model_dir} has only PyTorch pickle weights ({bins[0]}), no safetensors; convert it once with "
+                "`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out)` (safetensors is the default).")
+        raise UnsupportedCheckpointError(f"{model_dir} holds no *.safetensors weights; point at a folder that "
+                                         "save_pretrained wrote.")
+    return cfg
+
+
+def classify(name: str, shape: tuple[int, ...], dtype: torch.dtype, config: TritPlaneConfig) -> tuple[str, str, str]:
+    """(action, module name, reason dense) for one tensor, from its name and shape alone."""
+    parts = name.split(".")
+    if parts[-1] == "weight":
+        module, leaf_param = ".".join(parts[:-1]), "weight"
+    else:
+        module, leaf_param = name, parts[-1]
+    leaf = module.rsplit(".", 1)[-1]
+    if not dtype.is_floating_point or dtype.itemsize < 2:
+        return DENSE, module, "not a float16/bfloat16/float32 tensor"
+    if len(shape) < 2:
+        return DENSE, module, "not a matrix"
+    if not _LAYER.search(name):
+        return DENSE, module, "outside the decoder layers (embeddings, lm_head)"
+    if _DENSE_TOWERS.intersection(parts):
+        return DENSE, module, "vision/audio tower"
+    if leaf in _ROUTERS or "router" in leaf:
+        return DENSE, module, "MoE router"
+    if any(s in leaf.lower() for s in _NOT_LINEAR):
+        return DENSE, module, "not a Linear"
+    if len(shape) == 2 and leaf_param == "weight":
+        action = QUANTIZE
+    elif len(shape) == 3 and "experts" in parts and not leaf_param.endswith("bias"):
+        action = QUANTIZE_EXPERTS
+    else:
+        return DENSE, module, "not a Linear weight"
+    if 0 in shape:
+        return DENSE, module, "empty"
+    if config.is_skipped(module):
+        return DENSE, module, "skipped (--skip / modules_to_not_convert)"
+    return action, module, ""
+
+
+def _natural_key(name: str):
+    """`layers.2` before `layers.10`, so shards follow the model's layer order."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def list_tensors(model_dir: pathlib.Path, config: TritPlaneConfig) -> list[SourceTensor]:
+    """Every tensor of the source, in natural name order, classified; headers only, no tensor data."""
+    found: dict[str, SourceTensor] = {}
+    for path in ckpt.shard_files(model_dir):
+        header = ckpt.read_header(path)
+        for name, spec in header.tensors.items():
+            if name in found:
+                raise CorruptCheckpointError(f"tensor {name} appears in both {found[name].file.name} and "
+                                             f"{path.name}; the checkpoint is inconsistent, download it again.")
+            action, module, reason = classify(name, spec.shape, spec.dtype, config)
+            found[name] = SourceTensor(name, path, spec.dtype, spec.shape, action, module, reason)
+    return [found[n] for n in sorted(found, key=_natural_key)]
+
+
+def read_tensor(t: SourceTensor) -> torch.Tensor:
+    """Load one tensor; the file is opened for this tensor only, and errors name the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(t.file), framework="pt") as f:
+            return f.get_tensor(t.name)
+    except Exception as e:  # safetensors raises its own SafetensorError for bad bytes
+        raise CorruptCheckpointError(f"cannot read {t.name} from {t.file} ({str(e).splitlines()[0]}); the file "
+                                     "is truncated or corrupted: download it again.") from None
