@@ -65,18 +65,21 @@ def _add_eval(sub):
     )
     p.add_argument("model", help="model directory or hub id (dense or ptqtp-quantized)")
     p.add_argument("--ppl", default=None, metavar="FILE|wikitext2",
-                   help="text file to measure perplexity on, or 'wikitext2' for the bundled WikiText-2 test")
+                   help="text file to measure perplexity on, 'wikitext2' for the bundled WikiText-2 test "
+                   "(whole split), or 'wikitext2-sample' for its first 40 KB")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per perplexity window (default 2048)")
     p.add_argument("--max-windows", type=int, default=None, help="only the first N windows (default: all)")
     p.add_argument("--tasks", default=None,
-                   help="comma list of lm-eval tasks: arc_easy,piqa,boolq,lambada_openai,gsm8k (offline copies)")
+                   help="comma list of lm-eval tasks: arc_easy,piqa,boolq,lambada_openai,gsm8k run offline "
+                   "from eval/tasks; any other lm-eval task name runs lm-eval's own (downloads its data)")
     p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
-    p.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size (default 1)")
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="lm-eval batch size, and perplexity windows per forward pass (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
-    p.add_argument("--data-dir", default=None, help="folder with the task JSONL files (default: bundled)")
-    p.add_argument("--output", default=None, help="write results JSON here")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="folder with the task JSONL files (default: eval/data of the source tree)")
+    p.add_argument("--output", default=None, help="write results JSON here (default: print it to stdout)")
+    p.add_argument("--seed", type=int, default=0, help="seed for lm-eval sampling and few-shot draws (default 0)")
     p.set_defaults(func=_run_eval)
 
 
