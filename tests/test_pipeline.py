@@ -1,0 +1,183 @@
+"""`quantize_checkpoint` from Python: which tensors are quantized, shard planning, fused experts, tied embeddings,
+the output loading through `import ptqtp`, and the rules for an existing output directory."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ptqtp
+from ptqtp import checkpoint as ckpt
+from ptqtp import format as fmt
+from ptqtp import loader
+from ptqtp.errors import NonFiniteWeightError, OutputExistsError, UnsupportedCheckpointError
+from ptqtp.packing import dequantize
+from ptqtp.pipeline import plan_shards, quantize_checkpoint
+from ptqtp.solver import decompose
+
+FAST = ptqtp.TritPlaneConfig(max_iters=3)
+CFG = ptqtp.TritPlaneConfig()
+
+
+@pytest.mark.parametrize("name, shape, action", [
+    ("model.layers.0.self_attn.q_proj.weight", (8, 8), loader.QUANTIZE),
+    ("model.layers.11.mlp.down_proj.weight", (8, 16), loader.QUANTIZE),
+    ("model.layers.0.mlp.experts.3.up_proj.weight", (8, 8), loader.QUANTIZE),  # per-expert Linear
+    ("model.layers.0.mlp.experts.gate_up_proj", (4, 16, 8), loader.QUANTIZE_EXPERTS),  # fused (E, out, in)
+    ("model.layers.0.mlp.experts.gate_up_proj_bias", (4, 16), loader.DENSE),
+    ("model.layers.0.mlp.gate.weight", (4, 8), loader.DENSE),  # MoE router
+    ("model.layers.0.block_sparse_moe.gate.weight", (4, 8), loader.DENSE),
+    ("model.layers.0.mlp.router.weight", (4, 8), loader.DENSE),
+    ("model.layers.0.mlp.shared_expert_gate.weight", (1, 8), loader.DENSE),
+    ("model.layers.0.input_layernorm.weight", (8,), loader.DENSE),
+    ("model.layers.0.self_attn.q_norm.weight", (8,), loader.DENSE),
+    ("model.layers.0.self_attn.q_proj.bias", (8,), loader.DENSE),
+    ("model.layers.0.mixer.conv1d.weight", (8, 1, 4), loader.DENSE),  # a 3-D tensor that is not experts
+    ("model.embed_tokens.weight", (32, 8), loader.DENSE),
+    ("lm_head.weight", (32, 8), loader.DENSE),
+    ("model.visual.blocks.layers.0.attn.qkv.weight", (24, 8), loader.DENSE),  # vision tower
+    ("model.vision_tower.encoder.layers.0.mlp.fc1.weight", (24, 8), loader.DENSE),
+])
+def test_which_tensors_are_quantized(name, shape, action):
+    assert loader.classify(name, shape, torch.bfloat16, CFG)[0] == action
+
+
+def test_skip_patterns_keep_linears_dense():
+    cfg = ptqtp.TritPlaneConfig(skip=(r"layers\.1\.",), modules_to_not_convert=("lm_head", "o_proj"))
+    assert loader.classify("model.layers.1.mlp.up_proj.weight", (8, 8), torch.float32, cfg)[0] == loader.DENSE
+    assert loader.classify("model.layers.0.self_attn.o_proj.weight", (8, 8), torch.float32, cfg)[0] == loader.DENSE
+    assert loader.classify("model.layers.0.mlp.up_proj.weight", (8, 8), torch.float32, cfg)[0] == loader.QUANTIZE
+
+
+def test_shard_plan_is_bounded_and_keeps_pairs_together(tiny_model_dir):
+    sources = loader.list_tensors(tiny_model_dir("llama"), CFG)
+    limit = 60_000
+    shards = plan_shards(sources, CFG, limit)
+    assert [s.name for s in shards] == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for s in shards:
+        assert s.nbytes <= limit or len(s.tensors) == 1  # only a single tensor larger than the limit may exceed it
+        names = [x.name for x in s.specs]
+        for n in names:
+            if n.endswith(".weight_scale"):
+                assert n.replace("_scale", "") in names
+    assert [x.name for s in shards for x in s.specs] == [x.name for s in plan_shards(sources, CFG, limit) for x in s.specs]
+    assert [s.name for s in plan_shards(sources, CFG, 10**12)] == ["model.safetensors"]
+
+
+def _moe_dir(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A hand-made checkpoint with fused experts, a router, a vision tower and a NaN-free everything."""
+    torch.manual_seed(0)
+    src = tmp_path / "moe"
+    src.mkdir()
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(16, 40),
+        "model.layers.0.input_layernorm.weight": torch.ones(40),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(40, 40),
+        "model.layers.0.mlp.gate.weight": torch.randn(4, 40),
+        "model.layers.0.mlp.experts.gate_up_proj": torch.randn(4, 24, 40),
+        "model.layers.0.mlp.experts.down_proj": torch.randn(4, 40, 12),
+        "model.visual.layers.0.attn.qkv.weight": torch.randn(120, 40),
+        "lm_head.weight": torch.randn(16, 40),
+    }
+    ckpt.write_shard(src / "model.safetensors", tensors, {"format": "pt"})
+    (src / "config.json").write_text(json.dumps({"model_type": "toy_moe", "architectures": ["ToyMoe"]}))
+    return src
+
+
+def test_fused_experts_are_quantized_per_expert(tmp_path):
+    src = _moe_dir(tmp_path)
+    out = tmp_path / "q"
+    report = quantize_checkpoint(src, out, FAST, show_progress=False)
+    dense = load_file(src / "model.safetensors")
+    stored = load_file(out / "model.safetensors")
+    w = dense["model.layers.0.mlp.experts.gate_up_proj"]  # (4, 24, 40)
+    packed = stored["model.layers.0.mlp.experts.gate_up_proj"]
+    scales = stored["model.layers.0.mlp.experts.gate_up_proj_scale"]
+    assert tuple(packed.shape) == (4, *fmt.packed_shape(24, 40)) and tuple(scales.shape) == (4, *fmt.scale_shape(24, 40, 128))
+    for e in range(4):
+        tp = decompose(w[e], 128, "ptqtp", 3, FAST.tol)
+        assert torch.equal(dequantize(packed[e], scales[e], 40, 128, torch.float32), tp.dequantize(torch.float32))
+    for name in ("model.layers.0.mlp.gate.weight", "model.visual.layers.0.attn.qkv.weight", "lm_head.weight",
+                 "model.embed_tokens.weight", "model.layers.0.input_layernorm.weight"):
+        assert torch.equal(stored[name], dense[name]), name
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert {"lm_head", "model.layers.0.mlp.gate", "model.visual.layers.0.attn.qkv"} <= set(qc["modules_to_not_convert"])
+    assert "model.layers.0.self_attn.q_proj" not in qc["modules_to_not_convert"]
+    rows = {r["name"]: r for r in report["tensors"]}
+    assert set(rows) == {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.experts.gate_up_proj",
+                         "model.layers.0.mlp.experts.down_proj"}
+    assert 0 < rows["model.layers.0.mlp.experts.gate_up_proj"]["relative_error"] < 0.3
+
+
+def test_nan_weight_names_the_tensor_and_writes_no_model(tmp_path):
+    src = _moe_dir(tmp_path)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"][3, 5] = float("nan")
+    ckpt.write_shard(src / "model.safetensors", tensors, {"format": "pt"})
+    out = tmp_path / "q"
+    with pytest.raises(NonFiniteWeightError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight"):
+        quantize_checkpoint(src, out, FAST, show_progress=False)
+    assert not (out / "config.json").exists() and not list(out.glob("*.safetensors"))
+
+
+def test_tied_embeddings_stay_tied(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("llama-tied")
+    out = tmp_path / "q"
+    quantize_checkpoint(src, out, FAST, show_progress=False)
+    dense, stored = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in dense and "lm_head.weight" not in stored
+    assert torch.equal(stored["model.embed_tokens.weight"], dense["model.embed_tokens.weight"])
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    model = ptqtp.from_pretrained(out)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_output_loads_with_ptqtp_and_matches_the_dequantized_weights(tiny_model_dir, tmp_path):
+    """Qwen2 (biases on q/k/v): the quantized directory gives the logits of the dense model with W := W_hat."""
+    import transformers as tf
+
+    src = tiny_model_dir("qwen2")
+    out = tmp_path / "q"
+    quantize_checkpoint(src, out, FAST, show_progress=False)
+    stored = load_file(out / "model.safetensors")
+    ref = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    for name, p in ref.named_parameters():
+        sname = ckpt.scale_name(name)
+        if sname in stored:
+            p.data = dequantize(stored[name], stored[sname], p.shape[1], 128, torch.float32)
+    q = ptqtp.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 200, 3, 77]])
+    with torch.no_grad():
+        torch.testing.assert_close(q(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_existing_output_is_refused_then_overwritten(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("llama")
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    cfg = ptqtp.TritPlaneConfig(method="rtn-ternary")
+    with pytest.raises(OutputExistsError, match="--resume.*--overwrite"):
+        quantize_checkpoint(src, out, cfg, show_progress=False)
+    (out / "model-00001-of-00009.safetensors").write_bytes(b"stale")
+    quantize_checkpoint(src, out, cfg, overwrite=True, show_progress=False)
+    assert (out / "notes.txt").read_text() == "mine"  # only what ptqtp writes is replaced
+    assert not (out / "model-00001-of-00009.safetensors").exists()
+    ckpt.validate_checkpoint(out)
+    # resuming a finished run is a no-op; resuming with other options is refused
+    before = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    quantize_checkpoint(src, out, cfg, resume=True, show_progress=False)
+    assert before == {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    with pytest.raises(OutputExistsError, match="other options"):
+        quantize_checkpoint(src, out, cfg.replace(group_size=64), resume=True, show_progress=False)
+
+
+def test_already_quantized_source_is_refused(tiny_model_dir, tmp_path):
+    out = tmp_path / "q"
+    quantize_checkpoint(tiny_model_dir("llama"), out, ptqtp.TritPlaneConfig(method="rtn-ternary"), show_progress=False)
+    with pytest.raises(UnsupportedCheckpointError, match="already quantized.*original full-precision"):
+        quantize_checkpoint(out, tmp_path / "qq", show_progress=False)
