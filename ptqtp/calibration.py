@@ -1,0 +1,329 @@
+"""Calibrated quantization (`--calib`): GPTQ-style error feedback on trit-planes.
+
+Calibration-free ptqtp fits every (row, group) to its own weights. Here a little real text tells which input
+directions matter: per decoder layer, in order, the calibration activations run through the already-quantized
+earlier layers, each Linear's input Hessian H = X^T X / n is collected, and the weight is quantized column by
+column to the 9-level trit-plane grid of its row and group {0, +-a1, +-a2, +-(a1+a2), +-(a1-a2)}, each
+column's rounding error fed forward onto the columns not yet quantized through the Cholesky factor of H^-1
+(GPTQ, Frantar et al. 2022). The output is the ordinary ptqtp format: only the trits and scales differ.
+
+Choices, and why:
+- Natural column order, no act-order. Groups are the storage format's contiguous slices of `group_size`
+  columns; act-order would visit a group's columns at scattered times, so its scales would have to be fixed
+  before most of its feedback arrived (static groups).
+- Block size = group size. GPTQ's lazy batch update pushes a block's accumulated error onto all later
+  columns when the block ends; with blocks aligned to groups, every earlier column's error is already folded
+  into a group when it starts, so its scales are fit on the fully updated weights.
+- Scales: the calibration-free solver (`solver.decompose`, same method and iteration limits as the config)
+  on the updated group, rounded to fp16 as stored; the trits are then chosen column by column against those
+  stored scales. No refit after the trits are chosen: the feedback already moved each column's error onto
+  later columns, and refitting would undo that bookkeeping.
+- Damping 1% of the mean Hessian diagonal (raised x10 if the Cholesky still fails); inputs that never fire
+  (zero diagonal) get weight 0, as in GPTQ.
+- The Hessians of all Linears of a layer come from one pass over the calibration set through the layer
+  (inputs from quantized earlier layers, full-precision Linears within the layer), then a second pass
+  through the quantized layer produces the next layer's inputs: two forward passes per layer.
+
+Memory: the model stays on CPU; one decoder layer at a time moves to the compute device, and the calibration
+activations (samples x seq_len x hidden) stay on CPU, one sample moved at a time. Resume is at layer
+granularity: finished layers are kept in OUT/.calib-partial and, on --resume, their stored planes are reloaded
+and the activations are replayed through them (identical to an uninterrupted run).
+
+Imports transformers (model loading and the tokenizer); from ptqtp: solver, packing, checkpoint, pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import TritPlaneConfig
+from .errors import BadOptionError, NonFiniteWeightError
+from .loader import QUANTIZE, classify
+from .solver import METHODS as SOLVER_METHODS
+from .solver import TritPlanes, decompose
+
+DEFAULT_DAMP = 0.01  # fraction of the mean Hessian diagonal added to it (GPTQ's percdamp)
+
+# the 9 trit pairs (t1, t2); (0, 0) first so that ties (e.g. zero scales) pick the zero level
+TRIT_PAIRS = torch.tensor([(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1)],
+                          dtype=torch.int8)  # (9, 2)
+
+
+def _inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of H^-1 (H^-1 = U^T U), damping raised x10 until H is positive definite."""
+    n = hessian.shape[0]
+    mean_diag = hessian.diagonal().mean().clamp_min(torch.finfo(hessian.dtype).tiny)
+    eye = torch.eye(n, dtype=hessian.dtype, device=hessian.device)
+    for attempt in range(4):
+        lower, info = torch.linalg.cholesky_ex(hessian + (damp * 10 ** attempt) * mean_diag * eye)
+        if int(info) == 0:
+            break
+    else:
+        raise NonFiniteWeightError(
+            "the calibration Hessian is not positive definite even with 10x damping; the activations are "
+            "degenerate: give more or longer calibration text (--calib-samples, --calib-seq-len)."
+        )
+    hinv = torch.cholesky_inverse(lower)  # (in, in)
+    return torch.linalg.cholesky(hinv, upper=True)  # (in, in)
+
+
+def gptq_trit_planes(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 128, method: str = "ptqtp",
+                     max_iters: int = 50, tol: float = 1e-4, damp: float = DEFAULT_DAMP) -> TritPlanes:
+    """Quantize one weight to trit-planes minimising the output error on inputs with second moment `hessian`.
+
+    Args:
+        weight: float (out, in), any device; float64 input is computed in float64 (tests), else float32.
+        hessian: float (in, in), X^T X / n of the Linear's inputs (symmetric positive semi-definite).
+        group_size: input columns sharing one pair of scales (the storage format's groups).
+        method, max_iters, tol: the calibration-free solver that fits each group's scales.
+        damp: fraction of the mean diagonal added to H before inversion.
+
+    Returns:
+        `TritPlanes` with planes int8 (2, out, in) and fp16-exact float32 scales (2, out, G).
+    """
+    out_f, in_f = weight.shape
+    if tuple(hessian.shape) != (in_f, in_f):
+        raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight in_features {in_f}")
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.to(dtype).clone()  # (out, in), updated in place by the feedback
+    h = hessian.to(device=w.device, dtype=dtype).clone()  # (in, in)
+    if not (torch.isfinite(w).all() and torch.isfinite(h).all()):
+        raise NonFiniteWeightError("weight or calibration activations hold NaN/Inf; the model overflows in its "
+                                   "dtype: quantize from a float32 or bfloat16 checkpoint.")
+    dead = h.diagonal() == 0  # (in,) inputs never seen: their weights cannot matter to the output
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    u = _inverse_hessian_cholesky(h, damp)  # (in, in) upper
+
+    num_groups = math.ceil(in_f / group_size)
+    scales = torch.zeros(2, out_f, num_groups, dtype=torch.float32, device=w.device)  # (2, out, G)
+    choice = torch.zeros(out_f, in_f, dtype=torch.long, device=w.device)  # (out, in) index into TRIT_PAIRS
+    pairs = TRIT_PAIRS.to(device=w.device, dtype=dtype)  # (9, 2)
+    iterations = 0.0
+    for g in range(num_groups):
+        c0, c1 = g * group_size, min((g + 1) * group_size, in_f)
+        fit = decompose(w[:, c0:c1].float(), group_size=group_size, method=method, max_iters=max_iters, tol=tol)
+        a = fit.scales[:, :, 0].to(torch.float16).to(torch.float32)  # (2, out), as stored
+        scales[:, :, g] = a
+        iterations += fit.iterations * (c1 - c0)
+        levels = a.to(dtype).T @ pairs.T  # (out, 9)
+        block = w[:, c0:c1].clone()  # (out, b)
+        err = torch.zeros_like(block)  # (out, b)
+        u_blk = u[c0:c1, c0:c1]  # (b, b)
+        for i in range(c1 - c0):
+            col = block[:, i]  # (out,)
+            idx = (col.unsqueeze(1) - levels).abs().argmin(dim=1)  # (out,)
+            q = levels.gather(1, idx.unsqueeze(1)).squeeze(1)  # (out,)
+            choice[:, c0 + i] = idx
+            e = (col - q) / u_blk[i, i]  # (out,)
+            block[:, i:] -= e.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)  # (out, b - i)
+            err[:, i] = e
+        if c1 < in_f:
+            w[:, c1:] -= err @ u[c0:c1, c1:]  # (out, in - c1): lazy batch update of later groups
+    planes = TRIT_PAIRS.to(w.device)[choice].permute(2, 0, 1).contiguous()  # (2, out, in) int8
+    return TritPlanes(planes=planes, scales=scales, group_size=group_size, iterations=iterations / in_f)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layer-by-layer driver over a transformers model
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(dotted name, ModuleList) of the decoder layers: the ModuleList of num_hidden_layers blocks."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and (n_layers is None or len(module) == n_layers):
+            if name.endswith("layers") or name.endswith(".h") or name.endswith("blocks"):
+                return name, module
+    from .errors import UnsupportedCheckpointError
+
+    raise UnsupportedCheckpointError(
+        f"cannot find the decoder layers of {type(model).__name__} (a ModuleList of num_hidden_layers blocks); "
+        "quantize it without --calib."
+    )
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer during capture: records its inputs, returns hidden states unchanged."""
+
+    _COPIED = ("attention_type", "is_sliding", "layer_idx", "sliding_window")
+
+    def __init__(self, layer: nn.Module, keep_hidden: bool):
+        super().__init__()
+        for attr in self._COPIED:
+            if hasattr(layer, attr):
+                setattr(self, attr, getattr(layer, attr))
+        self.keep_hidden = keep_hidden
+        self.hidden: list[torch.Tensor] = []
+        self.args: tuple | None = None
+        self.kwargs: dict | None = None
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.keep_hidden:
+            self.hidden.append(hidden_states.detach().to("cpu"))
+        if self.kwargs is None:
+            self.args, self.kwargs = args, kwargs
+        return hidden_states
+
+
+def _to(obj, device):
+    """Move tensors inside nested tuples/lists/dicts to `device` (layer kwargs: masks, rotary cos/sin)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, tokens: torch.Tensor, layers: nn.ModuleList):
+    """Inputs of layer 0 for every sample (n, seq, hidden) on CPU, and each layer's extra (args, kwargs).
+
+    The decoder layers are swapped for recorders, so only the embeddings (and final norm) run. Every sample
+    has the same length and no padding, so one sample's masks and rotary embeddings serve all of them.
+    """
+    originals = list(layers)
+    recorders = [_Recorder(layer, keep_hidden=(i == 0)) for i, layer in enumerate(originals)]
+    base = getattr(model, "base_model", model)
+    device = next(base.parameters()).device
+    try:
+        for i, r in enumerate(recorders):
+            layers[i] = r
+        for j in range(tokens.shape[0]):
+            base(input_ids=tokens[j:j + 1].to(device), use_cache=False)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    hidden = torch.cat(recorders[0].hidden, dim=0)  # (n, seq, hidden)
+    return hidden, [(_to(r.args, "cpu"), _to(r.kwargs, "cpu")) for r in recorders]
+
+
+def _layer_forward(layer, x, args, kwargs):
+    out = layer(x, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def quantizable_linears(layer: nn.Module, prefix: str, config: TritPlaneConfig) -> dict[str, nn.Linear]:
+    """Full name -> Linear of the layer's Linears that calibration-free quantization would quantize.
+
+    The choice is the loader's (`loader.classify` on the weight's checkpoint name), so both modes quantize
+    exactly the same tensors (routers, norms and skipped modules stay dense).
+    """
+    chosen = {}
+    for name, m in layer.named_modules():
+        if isinstance(m, nn.Linear):
+            full = f"{prefix}.{name}"
+            action, _, _ = classify(f"{full}.weight", tuple(m.weight.shape), m.weight.dtype, config)
+            if action == QUANTIZE:
+                chosen[full] = m
+    return chosen
+
+
+@dataclass
+class LayerResult:
+    """Trit-planes of one decoder layer's Linears (full module name -> TritPlanes), and timing."""
+
+    index: int
+    planes: dict[str, TritPlanes] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _set_weight(linear: nn.Linear, tp: TritPlanes) -> None:
+    """Make the Linear compute with what is stored (fp16 scales), so later layers see the real error."""
+    w = tp.dequantize(torch.float32)  # (out, in)
+    linear.weight.data.copy_(w.to(linear.weight.dtype))
+
+
+@torch.no_grad()
+def calibrate_model(model: nn.Module, tokens: torch.Tensor, config: TritPlaneConfig, *,
+                    device: str | torch.device | None = None, damp: float = DEFAULT_DAMP,
+                    done: dict[int, dict[str, TritPlanes]] | None = None,
+                    on_layer: Callable[[LayerResult], None] | None = None,
+                    on_linear: Callable[[str], None] | None = None) -> dict[str, TritPlanes]:
+    """Quantize every decoder Linear of `model` with error feedback; returns full module name -> TritPlanes.
+
+    The model's Linear weights are overwritten with their dequantized values as the layers finish (the model
+    then computes like the quantized checkpoint). `model` may sit on CPU; each layer moves to `device` in turn.
+
+    Args:
+        model: a transformers causal LM (any architecture with a ModuleList of decoder layers).
+        tokens: int64 (n, seq_len) calibration token ids.
+        config: group size, solver and skip rules (the same as calibration-free quantization).
+        device: where each layer runs (default: the model's device).
+        done: layer index -> planes already computed (resume); those layers are replayed, not re-solved.
+        on_layer: called after each newly quantized layer (to persist it).
+        on_linear: called with each Linear's name once it is quantized (progress).
+    """
+    if config.method not in SOLVER_METHODS:
+        raise BadOptionError(f"method {config.method!r} has no trit-planes to calibrate; with --calib use one of "
+                             f"{', '.join(SOLVER_METHODS)}.")
+    prefix, layers = find_decoder_layers(model)
+    home = next(model.parameters()).device
+    device = torch.device(device) if device is not None else home
+    done = done or {}
+    hidden, layer_inputs = capture_layer_inputs(model, tokens, layers)  # (n, seq, hidden) on CPU
+    results: dict[str, TritPlanes] = {}
+    for li, layer in enumerate(layers):
+        start = time.perf_counter()
+        layer.to(device)
+        args, kwargs = _to(layer_inputs[li], device)
+        linears = quantizable_linears(layer, f"{prefix}.{li}", config)
+        if li in done:
+            planes = done[li]
+            missing = set(linears) - set(planes)
+            if missing:
+                from .errors import CorruptCheckpointError
+
+                raise CorruptCheckpointError(f"saved calibration state lacks {sorted(missing)[0]}; rerun with "
+                                             "--overwrite instead of --resume.")
+        else:
+            planes = _quantize_layer(layer, linears, hidden, args, kwargs, device, config, damp, on_linear)
+        for name, linear in linears.items():
+            _set_weight(linear, planes[name])
+        results.update(planes)
+        for j in range(hidden.shape[0]):  # next layer's inputs, through the quantized layer
+            hidden[j:j + 1] = _layer_forward(layer, hidden[j:j + 1].to(device), args, kwargs).to("cpu")
+        layer.to(home)
+        if li not in done and on_layer is not None:
+            on_layer(LayerResult(li, planes, time.perf_counter() - start))
+    return results
+
+
+def _quantize_layer(layer, linears, hidden, args, kwargs, device, config, damp, on_linear):
+    """Collect H = X^T X / n of each Linear's inputs over the calibration set, then run GPTQ on each."""
+    hess = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=device)
+            for name, m in linears.items()}
+    count = {name: 0 for name in linears}
+
+    def hook(name):
+        def fn(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float32)  # (tokens, in)
+            hess[name].addmm_(x.T, x)
+            count[name] += x.shape[0]
+        return fn
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+    try:
+        for j in range(hidden.shape[0]):
+            _layer_forward(layer, hidden[j:j + 1].to(device), args, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    planes = {}
+    for name, m in linears.items():
+        h = hess.pop(name) / max(count[name], 1)  # (in, in)
+        planes[name] = gptq_trit_planes(m.weight.data, h, config.group_size, config.method, config.max_iters,
+                                        config.tol, damp)
+        planes[name] = TritPlanes(planes=planes[name].planes.cpu(), scales=planes[name].scales.cpu(),
+                                  group_size=planes[name].group_size, iterations=planes[name].iterations)
+        if on_linear is not None:
+            on_linear(name)
+    return planes

@@ -1,0 +1,204 @@
+"""Calibrated mode (`--calib`): GPTQ error feedback on trit-planes, calibration text, checkpoint format."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+
+import pytest
+import torch
+
+import ptqtp
+from ptqtp.calibration import TRIT_PAIRS, calibrate_model, gptq_trit_planes
+from ptqtp.calibration_data import load_calibration_tokens
+from ptqtp.errors import BadOptionError, PtqtpError
+
+# Solver rounds per group in the model-level tests: enough for good scales, few enough to keep them fast.
+FAST_ITERS = 8
+
+
+# ----------------------------------------------------------------------------------------------- the recursion
+
+
+def _nearest(col: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Brute force: for each row, the value t1*a1 + t2*a2 (t in {-1,0,1}) closest to col."""
+    pairs = TRIT_PAIRS.to(torch.float64)  # (9, 2)
+    levels = a.T @ pairs.T  # (out, 9)
+    idx = (col.unsqueeze(1) - levels).abs().argmin(dim=1)
+    return levels.gather(1, idx.unsqueeze(1)).squeeze(1)
+
+
+def _gptq_direct(w: torch.Tensor, h: torch.Tensor, group_size: int, damp: float):
+    """The GPTQ / OBS recursion written out with a full inverse Hessian, O(n^3): for each column q in order,
+    quantize it, spread its error over the remaining columns with row q of the current H^-1, then remove q
+    from H^-1 (Schur complement). Scales of a group come from the solver on the updated group at its start."""
+    w = w.clone()
+    n = w.shape[1]
+    hinv = torch.linalg.inv(h + damp * h.diagonal().mean() * torch.eye(n, dtype=h.dtype))
+    q_all = torch.zeros_like(w)
+    scales = []
+    for q in range(n):
+        if q % group_size == 0:
+            fit = ptqtp.decompose(w[:, q:q + group_size].float(), group_size=group_size)
+            a = fit.scales[:, :, 0].to(torch.float16).to(torch.float64)  # (2, out)
+            scales.append(a)
+        q_all[:, q] = _nearest(w[:, q], a)
+        err = (w[:, q] - q_all[:, q]) / hinv[q, q]
+        w[:, q:] -= err.unsqueeze(1) * hinv[q, q:].unsqueeze(0)
+        hinv = hinv - torch.outer(hinv[:, q], hinv[q, :]) / hinv[q, q]
+    return q_all, torch.stack(scales, dim=-1)  # (out, in), (2, out, G)
+
+
+@pytest.mark.parametrize("out_f,in_f,group", [(6, 20, 8), (5, 13, 13), (3, 9, 4)])
+def test_column_updates_equal_the_direct_gptq_recursion(out_f, in_f, group):
+    g = torch.Generator().manual_seed(in_f)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    x = torch.randn(4 * in_f, in_f, generator=g, dtype=torch.float64) @ torch.randn(in_f, in_f, generator=g,
+                                                                                       dtype=torch.float64)
+    h = x.T @ x / x.shape[0]  # correlated inputs, so the feedback moves weights a lot
+    tp = gptq_trit_planes(w, h, group_size=group, damp=0.01)
+    want_q, want_scales = _gptq_direct(w, h, group, 0.01)
+    torch.testing.assert_close(tp.scales.to(torch.float64), want_scales, rtol=0, atol=0)
+    torch.testing.assert_close(tp.dequantize(torch.float64), want_q, rtol=0, atol=1e-12)
+    assert tp.planes.dtype == torch.int8 and set(tp.planes.unique().tolist()) <= {-1, 0, 1}
+    assert torch.equal(tp.scales, tp.scales.half().float()), "scales must be what fp16 storage holds"
+
+
+def test_feedback_lowers_output_error_on_correlated_inputs():
+    """The point of calibration: a lower output error ||X (W - Q)^T|| than the best weight-space fit."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 256, generator=g)
+    x = torch.randn(1024, 256, generator=g) @ torch.randn(256, 256, generator=g) * 0.2 + torch.randn(1024, 256,
+                                                                                                   generator=g)
+    cal = gptq_trit_planes(w, x.T @ x / x.shape[0], group_size=128)
+    free = ptqtp.decompose(w, group_size=128)
+    out_err = lambda tp: float(torch.linalg.norm(x @ (w - tp.dequantize()).T))  # noqa: E731
+    assert out_err(cal) < 0.85 * out_err(free)
+
+
+def test_dead_inputs_get_zero_weight_and_zero_hessian_is_not_fatal():
+    w = torch.randn(4, 10, generator=torch.Generator().manual_seed(1))
+    h = torch.eye(10)
+    h[3, 3] = 0.0  # input 3 never fires
+    tp = gptq_trit_planes(w, h, group_size=5)
+    assert torch.all(tp.dequantize()[:, 3] == 0)
+    tp0 = gptq_trit_planes(w, torch.zeros(10, 10), group_size=5)  # no signal at all: every weight is dead
+    assert torch.all(tp0.dequantize() == 0)
+
+
+def test_non_finite_activations_raise_a_ptqtp_error():
+    h = torch.eye(8)
+    h[2, 2] = float("nan")
+    with pytest.raises(PtqtpError, match="NaN"):
+        gptq_trit_planes(torch.randn(3, 8), h, group_size=8)
+
+
+# -------------------------------------------------------------------------------------------- calibration text
+
+
+class _CharTokenizer:
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [1 + (ord(c) % 250) for c in text]}
+
+
+def test_jsonl_text_fields_plain_text_and_determinism(tmp_path):
+    jl = tmp_path / "c.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in [{"text": "ab"}, {"query": "cd", "gold": 1}, {"context": "ef"}]))
+    tok = _CharTokenizer()
+    ids = load_calibration_tokens(str(jl), tok, num_samples=2, seq_len=4)
+    assert ids.dtype == torch.int64 and ids.shape == (2, 4)
+    assert ids.flatten().tolist() == [1 + ord("a") % 250, 1 + ord("b") % 250, 0, 1 + ord("c") % 250,
+                                      1 + ord("d") % 250, 0, 1 + ord("e") % 250, 1 + ord("f") % 250]
+    txt = tmp_path / "c.txt"
+    txt.write_text("ab\ncd\n\nef\n")  # paragraphs: "ab\ncd", "ef"
+    ids_txt = load_calibration_tokens(str(txt), tok, num_samples=1, seq_len=7)
+    assert ids_txt.flatten().tolist()[5] == 0  # EOS between the two paragraphs
+    assert torch.equal(load_calibration_tokens(str(jl), tok, 2, 4), ids)
+
+
+def test_bundled_boolq_sample_has_enough_text_for_the_defaults():
+    from transformers import AutoTokenizer  # noqa: F401  (the bundled sample is sized with a real tokenizer)
+
+    with gzip.open(ptqtp.calibration_data.resolve_calibration_path("boolq"), "rt") as f:
+        docs = [json.loads(line)["text"] for line in f]
+    assert len(docs) > 2000 and not any(d.startswith("Passage:") or "\nQuestion:" in d for d in docs)
+    ids = load_calibration_tokens("boolq", _CharTokenizer(), num_samples=4, seq_len=256)
+    assert ids.shape == (4, 256)
+
+
+@pytest.mark.parametrize("content,kwargs,match", [
+    ('{"gold": 1}\n', {}, "no text field"),
+    ("{not json\n", {}, "not valid JSON"),
+    ('{"text": "short"}\n', {}, "fewer than"),
+    ('{"text": "x"}\n', {"num_samples": 0}, "calib-samples"),
+    ('{"text": "x"}\n', {"seq_len": 1}, "calib-seq-len"),
+])
+def test_bad_calibration_input_names_the_cause(tmp_path, content, kwargs, match):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content)
+    args = {"num_samples": 2, "seq_len": 8, **kwargs}
+    with pytest.raises(BadOptionError, match=match):
+        load_calibration_tokens(str(p), _CharTokenizer(), **args)
+
+
+def test_missing_calibration_file_is_a_one_line_error(tmp_path):
+    with pytest.raises(BadOptionError, match="neither a file nor a bundled sample"):
+        load_calibration_tokens(str(tmp_path / "nope.txt"), _CharTokenizer(), 1, 8)
+
+
+# ------------------------------------------------------------------------------------------------ tiny models
+
+
+def _load(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_calibrated_model_has_lower_heldout_output_error(tiny_model_dir, arch):
+    model, tok = _load(tiny_model_dir(arch))
+    ids = load_calibration_tokens("boolq", tok, num_samples=20, seq_len=96)
+    calib, held_out = ids[:8], ids[12:]  # disjoint text
+    config = ptqtp.TritPlaneConfig(max_iters=FAST_ITERS)
+    with torch.no_grad():
+        ref = model(held_out).logits  # (4, 96, vocab)
+        cal = copy.deepcopy(model)
+        planes = calibrate_model(cal, calib, config)
+        free = copy.deepcopy(model)  # calibration-free: the solver alone on the same weights
+        for name in planes:
+            linear = free.get_submodule(name)
+            fit = ptqtp.decompose(linear.weight, group_size=config.group_size, max_iters=FAST_ITERS)
+            linear.weight.copy_(fit.dequantize())
+        err_free = float(torch.linalg.norm(free(held_out).logits - ref) / torch.linalg.norm(ref))
+        err_cal = float(torch.linalg.norm(cal(held_out).logits - ref) / torch.linalg.norm(ref))
+    n_layers = model.config.num_hidden_layers
+    assert len(planes) == 7 * n_layers  # q, k, v, o, gate, up, down of every layer
+    assert err_cal < 0.9 * err_free, (err_cal, err_free)
+
+
+def test_resume_from_saved_layers_reproduces_the_uninterrupted_result(tiny_model_dir):
+    model, tok = _load(tiny_model_dir("llama"))
+    ids = load_calibration_tokens("boolq", tok, num_samples=4, seq_len=64)
+    config = ptqtp.TritPlaneConfig(max_iters=FAST_ITERS)
+    saved = {}
+    full = calibrate_model(copy.deepcopy(model), ids, config,
+                           on_layer=lambda r: saved.setdefault(r.index, r.planes))
+    assert sorted(saved) == list(range(model.config.num_hidden_layers))
+    resumed = calibrate_model(copy.deepcopy(model), ids, config, done={0: saved[0]})
+    assert sorted(resumed) == sorted(full)
+    for name in full:
+        assert torch.equal(resumed[name].planes, full[name].planes), name
+        assert torch.equal(resumed[name].scales, full[name].scales), name
+
+
+def test_refuses_non_trit_methods(tiny_model_dir):
+    model, tok = _load(tiny_model_dir("llama"))
+    ids = load_calibration_tokens("boolq", tok, num_samples=1, seq_len=16)
+    with pytest.raises(BadOptionError, match="rtn-int3"):
+        calibrate_model(model, ids, ptqtp.TritPlaneConfig(method="rtn-int3"))
+
