@@ -91,11 +91,12 @@ def _run_eval(args) -> int:
 
 def _add_generate(sub):
     p = sub.add_parser("generate", help="greedy continuation of a prompt, with tokens per second",
-                       description="Load MODEL (ptqtp or dense) and print a greedy continuation of PROMPT.",
+                       description="Load MODEL (ptqtp or dense) and print a greedy continuation of PROMPT on "
+                       "stdout, with new tokens and tokens per second on stderr.",
                        epilog=EPILOG)
-    p.add_argument("model")
-    p.add_argument("prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("model", help="ptqtp directory (from `ptqtp quantize`) or a dense model directory / hub id")
+    p.add_argument("prompt", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
     p.set_defaults(func=_run_generate)

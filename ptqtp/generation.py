@@ -1,0 +1,99 @@
+"""`ptqtp generate`: greedy continuation of a prompt with tokens per second, the quickest way to see a
+quantized model talk.
+
+Imports `hf` (loading) and `errors`. Works on a ptqtp directory and on a dense one alike, through the same
+`from_pretrained` call, so the two can be compared side by side.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import hf
+from .errors import BadOptionError, UnsupportedCheckpointError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Continuation:
+    """A greedy continuation: the decoded text (prompt included), new token count and wall seconds."""
+
+    text: str
+    new_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" or device.startswith("cuda"):
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BadOptionError(f"--device {device} was requested but no CUDA GPU is visible; use --device cpu.")
+        return device
+    raise BadOptionError(f"--device {device!r} is not supported; use auto, cpu or cuda.")
+
+
+def _resolve_dtype(dtype: str):
+    if dtype in (None, "auto"):
+        return "auto"
+    if dtype not in DTYPES:
+        raise BadOptionError(f"--dtype {dtype!r} is not supported; use auto, {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def load(path: str, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer) of a ptqtp or dense directory, on `device` ("auto", "cpu", "cuda") in `dtype`."""
+    from transformers import AutoTokenizer
+
+    model = hf.from_pretrained(path, dtype=_resolve_dtype(dtype), device_map=_resolve_device(device))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UnsupportedCheckpointError(f"{path} has no usable tokenizer ({str(e).splitlines()[0][:120]}); copy the "
+                                         "tokenizer files of the original model into it.") from None
+    return model, tokenizer
+
+
+@torch.inference_mode()
+def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> Continuation:
+    """Greedy (argmax) continuation of `prompt`, at most `max_new_tokens` tokens, stopping early at EOS."""
+    if max_new_tokens < 1:
+        raise BadOptionError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
+    ids = tokenizer(prompt, return_tensors="pt").input_ids  # (1, T)
+    if ids.shape[1] == 0:
+        if tokenizer.bos_token_id is None:
+            raise BadOptionError("the prompt is empty and the tokenizer has no BOS token; pass some text.")
+        ids = torch.tensor([[tokenizer.bos_token_id]])
+    ids = ids.to(model.device)
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    start = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=pad)  # (1, T + new)
+    if out.is_cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return Continuation(tokenizer.decode(out[0], skip_special_tokens=True), out.shape[1] - ids.shape[1], seconds)
+
+
+def run_generate_cli(args) -> int:
+    """`ptqtp generate MODEL PROMPT`: the continuation on stdout, timing on stderr."""
+    if args.max_new_tokens < 1:
+        raise BadOptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    model, tokenizer = load(args.model, args.device, args.dtype)
+    result = greedy(model, tokenizer, args.prompt, args.max_new_tokens)
+    print(result.text)
+    dtype = next(model.parameters()).dtype
+    print(f"{result.new_tokens} new tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "
+          f"(greedy, {model.device}, {str(dtype).replace('torch.', '')})", file=sys.stderr)
+    return 0
