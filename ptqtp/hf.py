@@ -1,6 +1,6 @@
 """transformers integration: `PtqtpConfig` + `PtqtpHfQuantizer` for `quant_method: "ptqtp"`, and `from_pretrained`.
 
-Imports `config`, `errors`, `format` and (lazily, when a model loads) `replace`. `import ptqtp` calls
+Imports `config`, `errors`, `format`, `checkpoint` (headers) and (lazily, when a model loads) `replace`. `import ptqtp` calls
 `register()`, after which a plain `AutoModelForCausalLM.from_pretrained(OUT)` builds the model on `meta`,
 swaps every Linear the checkpoint stores packed for an empty `TritPlaneLinear` shell, and lets transformers
 load the packed buffers by name (`X.weight` uint8, `X.weight_scale` fp16, `X.bias`) like any other tensor.
@@ -25,9 +25,10 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers import auto as _hf_auto
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from . import checkpoint as ckpt
 from . import format as fmt
 from .config import TritPlaneConfig
-from .errors import BadOptionError, DependencyVersionError, ModelNotFoundError
+from .errors import BadOptionError, DependencyVersionError, ModelNotFoundError, UnsupportedCheckpointError
 
 # transformers versions whose quantizer/loader API this module follows: [MIN, next major)
 MIN_TRANSFORMERS = (5, 0)
@@ -76,18 +77,28 @@ class PtqtpConfig(QuantizationConfigMixin):
 
 
 def _stored_packed_names(checkpoint_files) -> set[str] | None:
-    """Dotted names of the modules a safetensors checkpoint stores packed (those with `X.weight_scale`)."""
+    """Dotted names of the Linears a safetensors checkpoint stores packed (`X.weight` beside `X.weight_scale`).
+
+    Reads headers only. The checkpoint, not the config's rules, decides which Linears become shells, so a
+    Linear the writer kept dense loads dense. Shards of a newer format raise `FormatVersionError`.
+    """
     if not checkpoint_files:
         return None
-    from safetensors import safe_open
-
-    suffix = "." + fmt.SCALE_SUFFIX
     names: set[str] = set()
     for path in checkpoint_files:
         if not str(path).endswith(".safetensors"):
-            return None  # not our format (e.g. .bin): fall back to the config's rules
-        with safe_open(str(path), framework="pt") as f:
-            names.update(k[: -len(suffix)] for k in f.keys() if k.endswith(suffix))
+            return None  # not written by ptqtp (e.g. .bin): fall back to the config's rules
+        header = ckpt.read_header(path)
+        ckpt.check_metadata_version(header)
+        for name in header.tensors:
+            if ckpt.scale_name(name) not in header.tensors:
+                continue
+            if not name.endswith("." + fmt.WEIGHT_SUFFIX):
+                raise UnsupportedCheckpointError(
+                    f"{path} holds quantized fused MoE experts ({name}), which this ptqtp cannot load yet; "
+                    "quantize again with --skip experts to keep them dense."
+                )
+            names.add(name[: -len(fmt.WEIGHT_SUFFIX) - 1])
     return names
 
 

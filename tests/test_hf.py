@@ -109,6 +109,19 @@ def test_round_trip_matches_fake_quantization(arch, quantized, tmp_path):
         assert torch.equal(ptqtp.from_pretrained(tmp_path / "again")(IDS).logits, logits)
 
 
+def test_pipeline_output_loads_and_matches_fake_quantization(quantized, tmp_path):
+    dense, _ = quantized("qwen2")
+    out = tmp_path / "q"
+    ptqtp.quantize_checkpoint(str(dense), out, CONFIG, show_progress=False)
+    model = ptqtp.from_pretrained(out)
+    assert isinstance(model.model.layers[1].self_attn.k_proj, TritPlaneLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, _fake_quantized(dense)(IDS).logits, rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path / "again")
+    before, after = _tensors(out), _tensors(tmp_path / "again")
+    assert set(before) == set(after) and all(_same_bytes(before[k], after[k]) for k in before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_loads_in_each_dtype_with_weights_untouched(dtype, quantized):
     dense, qdir = quantized("llama")
