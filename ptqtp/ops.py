@@ -1,24 +1,70 @@
 """The one op every quantized Linear calls: `torch.ops.ptqtp.trit_linear`.
 
-Registered with `torch.library` (with a fake implementation) so torch.compile and CUDA graphs see one
-opaque node. The body dispatches to a backend (`ptqtp.backends`); the pure-torch reference is the oracle.
+Imports `packing` (through `backends`) and `backends`. Registered with `torch.library` with a fake
+implementation, so torch.compile and CUDA graphs see one opaque node; the body validates shapes, flattens the
+tokens to (M, K) and hands the call to the backend `select_backend` picks (reference, cpu, triton or cuda).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 
-from .packing import dequantize
+from . import format as fmt
+from .backends import ENV_FORCE, KernelSpec, select_backend
+from .backends.reference import trit_linear_reference
+from .errors import BadOptionError, CorruptCheckpointError
+
+__all__ = ["trit_linear", "trit_linear_reference"]
+
+
+def _check(x, packed, scales, bias, group_size: int, in_features: int) -> None:
+    """Reject calls whose tensors cannot belong together, naming the shapes (never a deep kernel error)."""
+    if group_size < 1 or in_features < 1:
+        raise BadOptionError(f"group_size={group_size} and in_features={in_features} must be positive.")
+    if x.shape[-1] != in_features:
+        raise BadOptionError(
+            f"input has {x.shape[-1]} features but the trit-plane layer expects {in_features}; "
+            "pass activations whose last dimension is the layer's in_features."
+        )
+    n = packed.shape[-2] if packed.dim() == 3 else -1
+    want_p = fmt.packed_shape(n, in_features)
+    want_s = fmt.scale_shape(n, in_features, group_size)
+    if packed.dim() != 3 or tuple(packed.shape) != want_p or tuple(scales.shape) != want_s:
+        raise CorruptCheckpointError(
+            f"packed planes {tuple(packed.shape)} / scales {tuple(scales.shape)} do not fit in_features="
+            f"{in_features}, group_size={group_size} (expected {want_p} / {want_s}); reload the checkpoint."
+        )
+    if packed.dtype != torch.uint8:
+        raise CorruptCheckpointError(f"packed planes must be uint8, got {packed.dtype}; reload the checkpoint.")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise CorruptCheckpointError(f"bias has shape {tuple(bias.shape)}, expected ({n},); reload the checkpoint.")
 
 
 @torch.library.custom_op("ptqtp::trit_linear", mutates_args=())
 def trit_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
                 group_size: int, in_features: int) -> torch.Tensor:
-    """y = x @ W.T + bias, W the trit-plane weight (out, in) held as packed (2, out, ceil(in/5)) + scales (2, out, G)."""
-    w = dequantize(packed, scales, in_features, group_size, x.dtype)
-    return torch.nn.functional.linear(x, w, bias)
+    """y = x @ W.T + bias for the trit-plane weight W = a1*T1 + a2*T2.
+
+    Args:
+        x: activations (..., in_features), float32 / float16 / bfloat16.
+        packed: uint8 (2, out, ceil(in_features / 5)), base-3 trits as in `format.py`.
+        scales: float16 (2, out, ceil(in_features / group_size)).
+        bias: (out,) or None.
+    Returns:
+        (..., out) in x.dtype.
+    """
+    _check(x, packed, scales, bias, group_size, in_features)
+    n = packed.shape[-2]
+    x2 = x.reshape(-1, in_features)  # (M, K)
+    if x2.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], n))
+    spec = KernelSpec(x.device.type, x.dtype, x2.shape[0], n, in_features, group_size,
+                      forced=bool(os.environ.get(ENV_FORCE)))
+    y = select_backend(spec).linear(x2, packed, scales, bias, group_size, in_features)  # (M, N)
+    return y.contiguous().reshape(*x.shape[:-1], n)  # fresh, dense: what the fake promises
 
 
 @trit_linear.register_fake

@@ -1,0 +1,114 @@
+"""Kernel backends for `ptqtp::trit_linear` and the dispatcher that picks one per call.
+
+Imports `format`, `packing`, `layouts` (through the backend modules) and nothing above them. Each backend
+module exposes one `Backend` record (`base.py`); `select_backend(spec)` walks them by priority and returns the
+first whose `check(spec)` passes, caching the choice per (device, dtype, K, N, group size, decode/prefill).
+
+Environment:
+    PTQTP_BACKEND=reference|triton|cuda|cpu     force one backend; raises `NoBackendError` if it cannot run
+    PTQTP_DISABLED_BACKENDS=name[,name...]      never pick these (the reference cannot be disabled)
+
+A preferred backend that is unavailable on the call's device (extension not built, no triton) is skipped with
+one log line giving its reason; `available()` reports every reason, as `ptqtp info` prints it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+from ..errors import BadOptionError, NoBackendError
+from .base import GEMV_MAX_M, Backend, KernelSpec, kernel_kind
+
+__all__ = ["Backend", "KernelSpec", "GEMV_MAX_M", "kernel_kind", "available", "backend_names", "get_backend",
+           "select_backend", "clear_cache", "ENV_FORCE", "ENV_DISABLED"]
+
+ENV_FORCE = "PTQTP_BACKEND"
+ENV_DISABLED = "PTQTP_DISABLED_BACKENDS"
+
+_MODULES = ("cuda", "triton", "cpu", "reference")
+_log = logging.getLogger("ptqtp.backends")
+_BACKENDS: list[Backend] | None = None
+_CHOICE: dict[tuple, Backend] = {}
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def _registry() -> list[Backend]:
+    global _BACKENDS
+    if _BACKENDS is None:
+        found = [importlib.import_module(f".{m}", __name__).BACKEND for m in _MODULES]
+        _BACKENDS = sorted(found, key=lambda b: b.priority)
+    return _BACKENDS
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(b.name for b in _registry())
+
+
+def get_backend(name: str) -> Backend:
+    for b in _registry():
+        if b.name == name:
+            return b
+    raise BadOptionError(f"{ENV_FORCE}={name!r} is not a ptqtp backend; use one of {', '.join(backend_names())}.")
+
+
+def available() -> dict[str, tuple[bool, str]]:
+    """Every backend's name -> (usable in this environment, reason)."""
+    return {b.name: b.available() for b in _registry()}
+
+
+def _env() -> tuple[str, frozenset[str]]:
+    forced = os.environ.get(ENV_FORCE, "").strip().lower()
+    disabled = frozenset(s.strip().lower() for s in os.environ.get(ENV_DISABLED, "").split(",") if s.strip())
+    return forced, disabled - {"reference"}
+
+
+def select_backend(spec: KernelSpec) -> Backend:
+    """The backend that runs `spec`: the forced one, or the first by priority whose checks pass."""
+    forced, disabled = _env()
+    key = (spec.device, spec.dtype, spec.n, spec.k, spec.group_size, spec.kind, forced, disabled)
+    hit = _CHOICE.get(key)
+    if hit is not None:
+        return hit
+    if forced:
+        backend = get_backend(forced)
+        ok, reason = backend.check(KernelSpec(**{**spec.__dict__, "forced": True}))
+        if not ok:
+            raise NoBackendError(
+                f"{ENV_FORCE}={forced} cannot run this call ({_describe(spec)}): {reason}; "
+                f"unset {ENV_FORCE} to let ptqtp pick a backend."
+            )
+    else:
+        backend = _first_fit(spec, disabled)
+    _CHOICE[key] = backend
+    return backend
+
+
+def _first_fit(spec: KernelSpec, disabled: frozenset[str]) -> Backend:
+    reasons = []
+    for b in _registry():
+        if b.name in disabled:
+            reasons.append(f"{b.name}: disabled by {ENV_DISABLED}")
+            continue
+        ok, reason = b.check(spec)
+        if ok:
+            return b
+        reasons.append(f"{b.name}: {reason}")
+        if spec.device in b.devices and not b.available()[0] and (b.name, reason) not in _LOGGED:
+            _LOGGED.add((b.name, reason))
+            _log.warning("ptqtp: backend %s cannot run on %s (%s); falling back to the next backend",
+                         b.name, spec.device, reason)
+    raise NoBackendError(f"no ptqtp backend can run {_describe(spec)}: " + "; ".join(reasons)
+                         + f"; unset {ENV_DISABLED} or move the model to a supported device.")
+
+
+def _describe(spec: KernelSpec) -> str:
+    return (f"M={spec.m} N={spec.n} K={spec.k} group_size={spec.group_size} "
+            f"{str(spec.dtype).removeprefix('torch.')} on {spec.device}")
+
+
+def clear_cache() -> None:
+    """Forget cached choices and logged fallbacks (after changing PTQTP_* variables or the installed kernels)."""
+    _CHOICE.clear()
+    _LOGGED.clear()

@@ -1,0 +1,69 @@
+"""The `Backend` record every kernel family fills in, and the `KernelSpec` a call is matched against.
+
+Imports nothing from ptqtp. A backend is data, not a class hierarchy: selection only reads its fields and calls
+its two capability checks, each returning `(ok, reason)` so a refusal always says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+# largest number of tokens a decode (GEMV) kernel is chosen for; above it the prefill (GEMM) path runs
+GEMV_MAX_M = 16
+
+
+def kernel_kind(m: int) -> str:
+    """The one place that splits decode from prefill by token count M."""
+    return "gemv" if m <= GEMV_MAX_M else "gemm"
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """What one call needs: device type, activation dtype, tokens M, out N, in K, group size."""
+
+    device: str
+    dtype: torch.dtype
+    m: int
+    n: int
+    k: int
+    group_size: int
+    forced: bool = False  # PTQTP_BACKEND named this backend: interpreter-only paths may accept it
+
+    @property
+    def kind(self) -> str:
+        return kernel_kind(self.m)
+
+
+LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], int, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One kernel family.
+
+    `linear(x2d, packed, scales, bias, group_size, in_features)` takes x as (M, K) and returns (M, N) in x.dtype.
+    `available()` is the import/toolchain check (cached by the backend); `supports(spec)` the shape/dtype rules.
+    """
+
+    name: str
+    priority: int  # lower is tried first
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    available: Callable[[], tuple[bool, str]]
+    supports: Callable[[KernelSpec], tuple[bool, str]]
+    linear: LinearFn
+
+    def check(self, spec: KernelSpec) -> tuple[bool, str]:
+        """Device and dtype rules common to every backend, then the backend's own checks."""
+        if spec.device not in self.devices:
+            return False, f"runs on {'/'.join(self.devices)}, not {spec.device}"
+        if spec.dtype not in self.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in self.dtypes)
+            return False, f"activations must be {names}, got {str(spec.dtype).removeprefix('torch.')}"
+        ok, reason = self.available()
+        if not ok:
+            return False, reason
+        return self.supports(spec)

@@ -1,0 +1,162 @@
+"""`torch.ops.ptqtp.trit_linear` and its backends: every runnable backend against the reference, opcheck,
+and the PTQTP_BACKEND / fallback behaviour of the dispatcher.
+
+Triton runs here under its interpreter on CPU (forced), so TRITON_INTERPRET is set before anything imports
+triton; its shapes stay tiny.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ptqtp import backends, ops  # noqa: E402
+from ptqtp.errors import BadOptionError, CorruptCheckpointError, NoBackendError  # noqa: E402
+from ptqtp.packing import pack  # noqa: E402
+
+# relative Frobenius error of a backend's output against the float64 reference, per activation dtype:
+# float32 accumulation order; fp16/bf16 output rounding plus the reference's rounding of W to that dtype
+MAX_REL_ERR_VS_REFERENCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# (out N, in K, group size): K=576 ends in a half group; N odd; K < 128 (one partial group); K % 5 != 0
+SHAPES = [(37, 576, 128), (13, 100, 128), (21, 131, 64), (8, 7, 128)]
+MS = [1, 3, 7, 17, 64]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _runnable_backends() -> list[str]:
+    """Every backend that can run on this machine's CPU or GPU (Triton through its interpreter on CPU)."""
+    names = [name for name, (ok, _) in backends.available().items() if ok]
+    return [n for n in names if n != "cuda" or torch.cuda.is_available()]
+
+
+def _device_for(name: str) -> str:
+    return "cuda" if name == "cuda" or (name == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+def _layer(n: int, k: int, g: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    planes = torch.randint(-1, 2, (2, n, k), generator=gen, dtype=torch.int8)
+    scales = (torch.rand(2, n, -(-k // g), generator=gen) * 0.05 + 0.01).half()  # (2, N, G)
+    bias = torch.randn(n, generator=gen)
+    return pack(planes), scales, bias
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch(monkeypatch):
+    monkeypatch.delenv(backends.ENV_FORCE, raising=False)
+    monkeypatch.delenv(backends.ENV_DISABLED, raising=False)
+    backends.clear_cache()
+    yield
+    backends.clear_cache()
+
+
+@pytest.mark.parametrize("backend", _runnable_backends())
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("m", MS)
+def test_backend_matches_reference(backend, shape, dtype, m, monkeypatch):
+    n, k, g = shape
+    dev = _device_for(backend)
+    packed, scales, bias = _layer(n, k, g)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+    want = ops.trit_linear_reference(x.double(), packed, scales, bias.double(), g, k)  # (M, N) float64
+    monkeypatch.setenv(backends.ENV_FORCE, backend)
+    y = ops.trit_linear(x.to(dev), packed.to(dev), scales.to(dev), bias.to(dtype).to(dev), g, k)
+    assert y.shape == (m, n) and y.dtype == dtype and y.device.type == dev
+    err = ((y.double().cpu() - want).norm() / want.norm()).item()
+    assert err <= MAX_REL_ERR_VS_REFERENCE[dtype], f"{backend} rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("isa", ["generic", "auto"])
+def test_cpu_kernel_isas_agree(isa, monkeypatch):
+    """The scalar fallback and the AVX2 kernel both match the reference (the table test runs only one)."""
+    if not backends.available()["cpu"][0]:
+        pytest.skip("ptqtp._C is not built")
+    monkeypatch.setenv("PTQTP_CPU_ISA", isa)
+    monkeypatch.setenv(backends.ENV_FORCE, "cpu")
+    packed, scales, bias = _layer(19, 300, 128)
+    x = torch.randn(5, 300)
+    want = ops.trit_linear_reference(x.double(), packed, scales, bias.double(), 128, 300)
+    y = ops.trit_linear(x, packed, scales, bias, 128, 300)
+    assert ((y.double() - want).norm() / want.norm()).item() <= MAX_REL_ERR_VS_REFERENCE[torch.float32]
+
+
+def test_leading_dims_and_auto_choice():
+    packed, scales, bias = _layer(21, 131, 64)
+    x = torch.randn(2, 3, 131)
+    y = ops.trit_linear(x, packed, scales, bias, 64, 131)
+    want = ops.trit_linear_reference(x.reshape(6, 131), packed, scales, bias, 64, 131).reshape(2, 3, 21)
+    assert y.shape == (2, 3, 21)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    spec = backends.KernelSpec("cpu", torch.float32, 1, 21, 131, 64)
+    expected = "cpu" if backends.available()["cpu"][0] else "reference"
+    assert backends.select_backend(spec).name == expected  # never triton on CPU unless forced
+
+
+def test_weight_change_is_seen():
+    """A backend that caches a runtime layout must notice an in-place weight update (e.g. load_state_dict)."""
+    packed, scales, bias = _layer(16, 160, 128, seed=1)
+    other, _, _ = _layer(16, 160, 128, seed=2)
+    x = torch.randn(1, 160)
+    ops.trit_linear(x, packed, scales, None, 128, 160)
+    packed.copy_(other)
+    scales.mul_(2)
+    y = ops.trit_linear(x, packed, scales, None, 128, 160)
+    torch.testing.assert_close(y, ops.trit_linear_reference(x, packed, scales, None, 128, 160), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 5, 40])
+def test_opcheck(m):
+    packed, scales, bias = _layer(13, 100, 64)
+    for b in (bias, None):
+        torch.library.opcheck(torch.ops.ptqtp.trit_linear.default, (torch.randn(m, 100), packed, scales, b, 64, 100))
+
+
+def test_forced_backend_runs_or_says_why(monkeypatch):
+    packed, scales, _ = _layer(8, 40, 32)
+    x = torch.randn(1, 40)
+    monkeypatch.setenv(backends.ENV_FORCE, "reference")
+    assert backends.select_backend(backends.KernelSpec("cpu", torch.float32, 1, 8, 40, 32)).name == "reference"
+    monkeypatch.setenv(backends.ENV_FORCE, "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(NoBackendError, match=r"PTQTP_BACKEND=cuda cannot run .*unset PTQTP_BACKEND"):
+            ops.trit_linear(x, packed, scales, None, 32, 40)
+    monkeypatch.setenv(backends.ENV_FORCE, "fastest")
+    with pytest.raises(BadOptionError, match="not a ptqtp backend; use one of"):
+        ops.trit_linear(x, packed, scales, None, 32, 40)
+
+
+def test_disabled_backends(monkeypatch):
+    monkeypatch.setenv(backends.ENV_DISABLED, "cpu,triton,cuda")
+    assert backends.select_backend(backends.KernelSpec("cpu", torch.float32, 1, 8, 40, 32)).name == "reference"
+
+
+def test_unavailable_backend_falls_back_and_logs_once(monkeypatch, caplog):
+    """A preferred backend that cannot load is skipped with its reason, logged once, and results stay right."""
+    from ptqtp.backends import cpu
+
+    monkeypatch.setattr(cpu, "_load", lambda: (None, "ptqtp._C is not built (simulated)"))
+    packed, scales, bias = _layer(8, 40, 32)
+    x = torch.randn(1, 40)
+    with caplog.at_level(logging.WARNING, logger="ptqtp.backends"):
+        y1 = ops.trit_linear(x, packed, scales, bias, 32, 40)
+        y2 = ops.trit_linear(torch.randn(2, 40), packed, scales, bias, 32, 40)
+    msgs = [r.getMessage() for r in caplog.records if "cpu" in r.getMessage()]
+    assert len(msgs) == 1 and "not built (simulated)" in msgs[0] and "falling back" in msgs[0]
+    torch.testing.assert_close(y1, ops.trit_linear_reference(x, packed, scales, bias, 32, 40))
+    assert y2.shape == (2, 8)
+
+
+def test_bad_inputs_name_the_cause():
+    packed, scales, _ = _layer(8, 40, 32)
+    with pytest.raises(BadOptionError, match="input has 41 features but the trit-plane layer expects 40"):
+        ops.trit_linear(torch.randn(1, 41), packed, scales, None, 32, 40)
+    with pytest.raises(CorruptCheckpointError, match="do not fit in_features=40, group_size=16"):
+        ops.trit_linear(torch.randn(1, 40), packed, scales, None, 16, 40)
+    with pytest.raises(CorruptCheckpointError, match="bias has shape"):
+        ops.trit_linear(torch.randn(1, 40), packed, scales, torch.zeros(7), 32, 40)
