@@ -11,9 +11,12 @@ Choices, and why:
 - Natural column order, no act-order. Groups are the storage format's contiguous slices of `group_size`
   columns; act-order would visit a group's columns at scattered times, so its scales would have to be fixed
   before most of its feedback arrived (static groups).
-- Block size = group size. GPTQ's lazy batch update pushes a block's accumulated error onto all later
-  columns when the block ends; with blocks aligned to groups, every earlier column's error is already folded
-  into a group when it starts, so its scales are fit on the fully updated weights.
+- Lazy batch updates (GPTQ) in blocks of 32 columns that never straddle a group: a block's accumulated
+  error is pushed onto all later columns with one matmul when the block ends, so every earlier column's
+  error is already folded into a group when it starts, and its scales are fit on the fully updated weights.
+  32 rather than GPTQ's 128 because the one-column updates inside a block are the slow part on CPU.
+- Linears reading the same input (q/k/v, gate/up) share one Hessian and are solved as one matrix with
+  their rows stacked: GPTQ treats rows independently given H, so this changes nothing but the speed.
 - Scales: the calibration-free solver (`solver.decompose`, same method and iteration limits as the config)
   on the updated group, rounded to fp16 as stored; the trits are then chosen column by column against those
   stored scales. No refit after the trits are chosen: the feedback already moved each column's error onto
@@ -49,6 +52,7 @@ from .solver import METHODS as SOLVER_METHODS
 from .solver import TritPlanes, decompose
 
 DEFAULT_DAMP = 0.01  # fraction of the mean Hessian diagonal added to it (GPTQ's percdamp)
+LAZY_BLOCK = 32  # columns updated one by one before their error is pushed on with one matmul (GPTQ's blocks)
 
 # the 9 trit pairs (t1, t2); (0, 0) first so that ties (e.g. zero scales) pick the zero level
 TRIT_PAIRS = torch.tensor([(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1)],
@@ -107,25 +111,27 @@ def gptq_trit_planes(weight: torch.Tensor, hessian: torch.Tensor, group_size: in
     pairs = TRIT_PAIRS.to(device=w.device, dtype=dtype)  # (9, 2)
     iterations = 0.0
     for g in range(num_groups):
-        c0, c1 = g * group_size, min((g + 1) * group_size, in_f)
-        fit = decompose(w[:, c0:c1].float(), group_size=group_size, method=method, max_iters=max_iters, tol=tol)
+        g0, g1 = g * group_size, min((g + 1) * group_size, in_f)
+        fit = decompose(w[:, g0:g1].float(), group_size=group_size, method=method, max_iters=max_iters, tol=tol)
         a = fit.scales[:, :, 0].to(torch.float16).to(torch.float32)  # (2, out), as stored
         scales[:, :, g] = a
-        iterations += fit.iterations * (c1 - c0)
+        iterations += fit.iterations * (g1 - g0)
         levels = a.to(dtype).T @ pairs.T  # (out, 9)
-        block = w[:, c0:c1].clone()  # (out, b)
-        err = torch.zeros_like(block)  # (out, b)
-        u_blk = u[c0:c1, c0:c1]  # (b, b)
-        for i in range(c1 - c0):
-            col = block[:, i]  # (out,)
-            idx = (col.unsqueeze(1) - levels).abs().argmin(dim=1)  # (out,)
-            q = levels.gather(1, idx.unsqueeze(1)).squeeze(1)  # (out,)
-            choice[:, c0 + i] = idx
-            e = (col - q) / u_blk[i, i]  # (out,)
-            block[:, i:] -= e.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)  # (out, b - i)
-            err[:, i] = e
-        if c1 < in_f:
-            w[:, c1:] -= err @ u[c0:c1, c1:]  # (out, in - c1): lazy batch update of later groups
+        for c0 in range(g0, g1, LAZY_BLOCK):
+            c1 = min(c0 + LAZY_BLOCK, g1)
+            block = w[:, c0:c1].clone()  # (out, b)
+            err = torch.zeros_like(block)  # (out, b)
+            u_blk = u[c0:c1, c0:c1]  # (b, b)
+            for i in range(c1 - c0):
+                col = block[:, i]  # (out,)
+                idx = (col.unsqueeze(1) - levels).abs().argmin(dim=1)  # (out,)
+                q = levels.gather(1, idx.unsqueeze(1)).squeeze(1)  # (out,)
+                choice[:, c0 + i] = idx
+                e = (col - q) / u_blk[i, i]  # (out,)
+                block[:, i:] -= e.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)  # (out, b - i)
+                err[:, i] = e
+            if c1 < in_f:
+                w[:, c1:] -= err @ u[c0:c1, c1:]  # (out, in - c1): lazy batch update of later columns
     planes = TRIT_PAIRS.to(w.device)[choice].permute(2, 0, 1).contiguous()  # (2, out, in) int8
     return TritPlanes(planes=planes, scales=scales, group_size=group_size, iterations=iterations / in_f)
 
@@ -297,33 +303,78 @@ def calibrate_model(model: nn.Module, tokens: torch.Tensor, config: TritPlaneCon
     return results
 
 
-def _quantize_layer(layer, linears, hidden, args, kwargs, device, config, damp, on_linear):
-    """Collect H = X^T X / n of each Linear's inputs over the calibration set, then run GPTQ on each."""
-    hess = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=device)
-            for name, m in linears.items()}
-    count = {name: 0 for name in linears}
+def _shared_inputs(layer, linears, x, args, kwargs) -> tuple[list[list[str]], list[torch.Tensor]]:
+    """Linears grouped by the input tensor they read (q/k/v, gate/up), from one forward of sample `x`;
+    returns the groups and each group's input on that sample.
 
-    def hook(name):
-        def fn(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float32)  # (tokens, in)
-            hess[name].addmm_(x.T, x)
-            count[name] += x.shape[0]
+    All inputs stay alive until compared, so equal data pointers mean the same tensor, never reused memory.
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def fn(module, inputs, output):  # returns None: a hook's return value would replace the output
+            seen.setdefault(name, inputs[0])
         return fn
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in linears.items()]
+    handles = [m.register_forward_hook(keep(name)) for name, m in linears.items()]
     try:
-        for j in range(hidden.shape[0]):
+        _layer_forward(layer, x, args, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    inputs: list[torch.Tensor] = []
+    keys: list[tuple] = []
+    for name in linears:  # module order: q, k, v, o, gate, up, down for Llama
+        t = seen[name]
+        key = (t.data_ptr(), tuple(t.shape), t.stride())
+        if key in keys:
+            groups[keys.index(key)].append(name)
+        else:
+            keys.append(key)
+            groups.append([name])
+            inputs.append(t)
+    return groups, inputs
+
+
+def _quantize_layer(layer, linears, hidden, args, kwargs, device, config, damp, on_linear):
+    """Collect H = X^T X / n per distinct Linear input over the calibration set, then run GPTQ per input."""
+    groups, first = _shared_inputs(layer, linears, hidden[:1].to(device), args, kwargs)
+    hess = []
+    count = []
+    for x in first:
+        x = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (tokens, in)
+        hess.append(x.T @ x)  # (in, in)
+        count.append(x.shape[0])
+    del first, x
+
+    def hook(k):
+        def fn(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float32)  # (tokens, in)
+            hess[k].addmm_(x.T, x)
+            count[k] += x.shape[0]
+        return fn
+
+    handles = [linears[g[0]].register_forward_hook(hook(k)) for k, g in enumerate(groups)]
+    try:
+        for j in range(1, hidden.shape[0]):
             _layer_forward(layer, hidden[j:j + 1].to(device), args, kwargs)
     finally:
         for h in handles:
             h.remove()
     planes = {}
-    for name, m in linears.items():
-        h = hess.pop(name) / max(count[name], 1)  # (in, in)
-        planes[name] = gptq_trit_planes(m.weight.data, h, config.group_size, config.method, config.max_iters,
-                                        config.tol, damp)
-        planes[name] = TritPlanes(planes=planes[name].planes.cpu(), scales=planes[name].scales.cpu(),
-                                  group_size=planes[name].group_size, iterations=planes[name].iterations)
-        if on_linear is not None:
-            on_linear(name)
+    for k, names in enumerate(groups):
+        h = hess[k] / max(count[k], 1)  # (in, in)
+        hess[k] = None
+        w = torch.cat([linears[n].weight.data for n in names], dim=0)  # (sum of out, in)
+        tp = gptq_trit_planes(w, h, config.group_size, config.method, config.max_iters, config.tol, damp)
+        row = 0
+        for n in names:
+            rows = linears[n].out_features
+            planes[n] = TritPlanes(planes=tp.planes[:, row:row + rows].cpu().contiguous(),
+                                   scales=tp.scales[:, row:row + rows].cpu().contiguous(),
+                                   group_size=tp.group_size, iterations=tp.iterations)
+            row += rows
+            if on_linear is not None:
+                on_linear(n)
     return planes

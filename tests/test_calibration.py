@@ -50,7 +50,7 @@ def _gptq_direct(w: torch.Tensor, h: torch.Tensor, group_size: int, damp: float)
     return q_all, torch.stack(scales, dim=-1)  # (out, in), (2, out, G)
 
 
-@pytest.mark.parametrize("out_f,in_f,group", [(6, 20, 8), (5, 13, 13), (3, 9, 4)])
+@pytest.mark.parametrize("out_f,in_f,group", [(6, 20, 8), (5, 13, 13), (3, 9, 4), (4, 80, 64)])
 def test_column_updates_equal_the_direct_gptq_recursion(out_f, in_f, group):
     g = torch.Generator().manual_seed(in_f)
     w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
