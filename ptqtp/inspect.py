@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from . import format as fmt
 from .config import TritPlaneConfig
-from .errors import CorruptCheckpointError, ModelNotFoundError, UnsupportedCheckpointError
+from .checkpoint import validate_checkpoint
+from .errors import CorruptCheckpointError, ModelNotFoundError
 
 # Token counts shown for the backend choice: one decode step, and a long prefill chunk.
 DECODE_M = 1
@@ -47,6 +48,7 @@ class Summary:
     dense_bytes: int = 0
     disk_bytes: int = 0
     report: dict | None = None
+    hf_config: dict = field(default_factory=dict)
 
     @property
     def quantized_weights(self) -> int:
@@ -57,31 +59,6 @@ class Summary:
         """Stored bits per quantized weight (planes + scales), counted from the shard headers."""
         n = self.quantized_weights
         return 8.0 * sum(t.stored_bytes for t in self.quantized) / n if n else float("nan")
-
-
-def _safetensors_header(path: str) -> dict:
-    """The JSON header of one safetensors file: {name: {dtype, shape, data_offsets}, __metadata__: {...}}."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("file shorter than its 8-byte header length")
-            n = int.from_bytes(raw, "little")
-            if n > os.path.getsize(path) - 8:
-                raise ValueError(f"header length {n} exceeds the file size")
-            return json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        raise CorruptCheckpointError(
-            f"{path} is not a readable safetensors file ({e}); re-run `ptqtp quantize` with --overwrite."
-        ) from None
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def _nbytes(entry: dict) -> int:
-    return math.prod(entry["shape"]) * _DTYPE_BYTES.get(entry["dtype"], 0)
 
 
 def _candidate_dims(model_config: dict) -> set[int]:
@@ -101,130 +78,91 @@ def _in_features(packed_cols: int, groups: int, group_size: int, candidates: set
     """The dense input width consistent with both the packed bytes and the scale groups."""
     lo = max(fmt.TRITS_PER_BYTE * (packed_cols - 1), group_size * (groups - 1)) + 1
     hi = min(fmt.TRITS_PER_BYTE * packed_cols, group_size * groups)
-    if lo > hi:
-        return -1, False
     fits = sorted(d for d in candidates if lo <= d <= hi)
     if lo == hi or len(fits) == 1:
         return (lo if lo == hi else fits[0]), True
     return hi, False
 
 
-def _load_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise CorruptCheckpointError(f"cannot read {path} ({e}); the directory is incomplete or corrupt.") from None
-
-
 def describe(path: str) -> Summary:
-    """Inspect a ptqtp directory; raises a `PtqtpError` naming the fix when it is not one."""
+    """Inspect a ptqtp directory from its headers; raises a `PtqtpError` naming the fix when it is not one."""
     if not os.path.isdir(path):
         raise ModelNotFoundError(f"no such directory: {path}; pass the output directory of `ptqtp quantize`.")
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise UnsupportedCheckpointError(
-            f"{path} has no config.json, so it is not a ptqtp directory; quantize a model with `ptqtp quantize MODEL -o OUT`."
-        )
-    model_config = _load_json(cfg_path)
-    qc = model_config.get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != fmt.QUANT_METHOD:
-        raise UnsupportedCheckpointError(
-            f"{path} is not a ptqtp directory (config.json has no quantization_config with quant_method "
-            f"'ptqtp'); quantize it first with `ptqtp quantize {path} -o OUT`."
-        )
-    config = TritPlaneConfig.from_dict(qc)
-    shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not shards:
-        raise CorruptCheckpointError(f"{path} has a ptqtp config.json but no .safetensors files; re-run `ptqtp quantize`.")
-
-    summary = Summary(path=path, config=config, format_version=int(qc.get("format_version", fmt.FORMAT_VERSION)),
-                      ptqtp_version=qc.get("ptqtp_version"))
-    candidates = _candidate_dims(model_config)
-    for shard in shards:
-        file = os.path.join(path, shard)
-        summary.disk_bytes += os.path.getsize(file)
-        header = _safetensors_header(file)
-        header.pop("__metadata__", None)
-        scale_suffix = "." + fmt.SCALE_SUFFIX
-        for name, scale in header.items():
-            if not name.endswith(scale_suffix):
-                continue
-            base = name[: -len(scale_suffix)]
-            packed = header.get(f"{base}.{fmt.WEIGHT_SUFFIX}")
-            if packed is None or packed["dtype"] != "U8" or len(packed["shape"]) < 3:
-                raise CorruptCheckpointError(
-                    f"{file}: {name} has no packed uint8 {base}.{fmt.WEIGHT_SUFFIX} beside it; re-run `ptqtp quantize`."
-                )
-            *lead, out, nb = packed["shape"]  # (..., 2, out, ceil(in / 5))
-            experts = math.prod(lead[:-1])  # fused experts store (E, 2, out, nb)
-            in_features, exact = _in_features(nb, scale["shape"][-1], config.group_size, candidates)
-            if in_features < 0:
-                raise CorruptCheckpointError(
-                    f"{file}: {base} packed {packed['shape']} and scales {scale['shape']} disagree with group size "
-                    f"{config.group_size}; the checkpoint is corrupt."
-                )
-            summary.quantized.append(QuantizedTensor(base, out * experts, in_features, exact,
-                                                     _nbytes(packed) + _nbytes(scale)))
-        quantized_names = {f"{t.name}.{s}" for t in summary.quantized for s in (fmt.WEIGHT_SUFFIX, fmt.SCALE_SUFFIX)}
-        for name, entry in header.items():
-            if name not in quantized_names:
-                summary.dense_tensors += 1
-                summary.dense_bytes += _nbytes(entry)
+    info = validate_checkpoint(path)
+    qc = info.hf_config["quantization_config"]
+    summary = Summary(path=path, config=info.config, hf_config=info.hf_config,
+                      format_version=int(qc.get("format_version", fmt.FORMAT_VERSION)),
+                      ptqtp_version=qc.get("ptqtp_version"), disk_bytes=info.file_bytes,
+                      dense_tensors=len(info.dense), dense_bytes=sum(t.nbytes for t in info.dense.values()))
+    candidates = _candidate_dims(info.hf_config)
+    for name, (packed, scales) in info.quantized.items():
+        *lead, out, nb = packed.shape  # (2, out, ceil(in / 5)), or (E, 2, out, ...) for fused experts
+        in_features, exact = _in_features(nb, scales.shape[-1], info.config.group_size, candidates)
+        base = name[: -len("." + fmt.WEIGHT_SUFFIX)] if name.endswith("." + fmt.WEIGHT_SUFFIX) else name
+        summary.quantized.append(QuantizedTensor(base, out * math.prod(lead[:-1]), in_features, exact,
+                                                 packed.nbytes + scales.nbytes))
     report_path = os.path.join(path, REPORT_FILE)
     if os.path.isfile(report_path):
-        summary.report = _load_json(report_path)
+        try:
+            with open(report_path) as f:
+                summary.report = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CorruptCheckpointError(f"{report_path} is unreadable ({e}); delete it or quantize again.") from None
+        _exact_widths_from_report(summary)
     return summary
+
+
+def _exact_widths_from_report(summary: Summary) -> None:
+    """Where the config could not pin `in` down, take the dense shape the report recorded."""
+    shapes = {}
+    for rec in summary.report.get("tensors") or []:
+        if isinstance(rec, dict) and isinstance(rec.get("shape"), list) and rec["shape"]:
+            shapes[str(rec.get("name", "")).removesuffix("." + fmt.WEIGHT_SUFFIX)] = rec["shape"]
+    for t in summary.quantized:
+        shape = shapes.get(t.name)
+        if not t.exact_in and shape and isinstance(shape[-1], int):
+            t.in_features, t.exact_in = shape[-1], True
 
 
 # ---------------------------------------------------------------------------------------------- backends
 
 def backend_table() -> list[tuple[str, bool, str]]:
-    """(name, available, reason) of every kernel backend on this machine, by priority."""
-    try:
-        from . import backends
-    except ImportError as e:  # the package failed to import: only the torch reference op runs
-        return [("reference", True, f"pure-torch dequantize + matmul (backends unavailable: {e})")]
-    rows = []
-    for b in _registered(backends):
-        try:
-            ok, reason = b.available()
-        except Exception as e:  # a broken toolchain must not break `info`; it is exactly what info reports
-            ok, reason = False, f"availability check failed: {type(e).__name__}: {e}"
-        rows.append((b.name, bool(ok), reason or ("ready" if ok else "unavailable")))
-    return rows or [("reference", True, "pure-torch dequantize + matmul")]
+    """(name, usable here, reason) of every kernel backend, in priority order."""
+    from . import backends
+
+    return [(name, ok, reason) for name, (ok, reason) in backends.available().items()]
 
 
-def _registered(backends) -> list:
-    for attr in ("all_backends", "registered", "BACKENDS"):
-        value = getattr(backends, attr, None)
-        if value is not None:
-            value = value() if callable(value) else value
-            return list(value.values()) if isinstance(value, dict) else list(value)
-    return []
+def _run_dtype(hf_config: dict, device: str):
+    """The activation dtype `from_pretrained` gives by default: config.json's dtype, else fp16 on CUDA / fp32."""
+    import torch
+
+    name = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    return torch.float16 if device == "cuda" else torch.float32
 
 
-def selected_backend(m: int, out_features: int, in_features: int, group_size: int) -> str:
-    """Name of the backend `select_backend` picks for an (m x in) @ (in x out) product here, or why none."""
-    try:
-        import torch
+def selected_backend(m: int, n: int, k: int, group_size: int, hf_config: dict, dtype=None) -> str:
+    """What `select_backend` picks for x (m, k) @ W.T (k, n) on this machine, or why nothing can run.
 
-        from . import backends
-    except ImportError:
-        return "reference"
-    select = getattr(backends, "select_backend", None)
-    if select is None:
-        return "reference"
+    `dtype` is the activation dtype; by default the one `from_pretrained` would load `hf_config` in.
+    """
+    import torch
+
+    from . import backends
+    from .errors import PtqtpError
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = dtype or _run_dtype(hf_config, device)
+    where = f"{device}, {str(dtype).removeprefix('torch.')}"
     try:
-        spec = backends.KernelSpec(device=device, dtype=dtype, m=m, n=out_features, k=in_features,
-                                   group_size=group_size) if hasattr(backends, "KernelSpec") else None
-        chosen = select(spec) if spec is not None else select(device=device, dtype=dtype, m=m, n=out_features,
-                                                               k=in_features, group_size=group_size)
-    except Exception as e:  # NoBackendError or an unexpected signature: say so instead of failing
-        return f"none ({e})"
-    return f"{getattr(chosen, 'name', chosen)} ({device}, {str(dtype).removeprefix('torch.')})"
+        chosen = backends.select_backend(backends.KernelSpec(device=device, dtype=dtype, m=m, n=n, k=k,
+                                                             group_size=group_size))
+    except PtqtpError as e:  # a forced or disabled backend: the reason is the answer
+        return f"none on {where}: {e}"
+    return f"{chosen.name} ({where})"
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -258,7 +196,8 @@ def format_summary(s: Summary) -> str:
         f"{fmt.SCALE_DTYPE_NAME} scales" + (f", written by ptqtp {s.ptqtp_version}" if s.ptqtp_version else ""),
         f"group size        {c.group_size}",
         f"method            {c.method}",
-        f"bits per weight   {s.bits_per_weight:.3f}{'' if exact else ' (approx.)'} (quantized Linears, from the files)",
+        f"bits per weight   {s.bits_per_weight:.3f}{'' if exact else ' (approx.)'} (quantized Linears, from the files)"
+        if s.quantized else f"bits per weight   - (no packed tensors: method {c.method} stores fake-quantized dense weights)",
         f"tensors           {len(s.quantized)} quantized Linears ({s.quantized_weights:,} weights), "
         f"{s.dense_tensors} dense tensors ({_size(s.dense_bytes)})",
         f"kept dense        {', '.join(c.modules_to_not_convert + c.skip) or '-'}",
@@ -281,15 +220,15 @@ def format_summary(s: Summary) -> str:
     if s.quantized:
         t = max(s.quantized, key=lambda q: q.out_features * q.in_features)
         for label, m in (("decode", DECODE_M), ("prefill", PREFILL_M)):
-            lines.append(f"backend {label:<9} M={m:<5} {selected_backend(m, t.out_features, t.in_features, c.group_size)}"
-                         f"   (largest Linear, {t.out_features}x{t.in_features})")
+            choice = selected_backend(m, t.out_features, t.in_features, c.group_size, s.hf_config)
+            lines.append(f"backend {label:<9} M={m:<5} {choice}   (largest Linear: in {t.in_features}, out {t.out_features})")
     return "\n".join(lines)
 
 
 def format_backends() -> str:
-    lines = ["kernel backends on this machine (PTQTP_BACKEND=<name> forces one):"]
+    lines = ["kernel backends on this machine, by priority (PTQTP_BACKEND=<name> forces one):"]
     for name, ok, reason in backend_table():
-        lines.append(f"  {name:<10} {'yes' if ok else 'no ':<4} {reason}")
+        lines.append(f"  {name:<10} {'yes' if ok else 'no':<4} {reason}")
     return "\n".join(lines)
 
 

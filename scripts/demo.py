@@ -20,7 +20,7 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "ptqtp" / "data" / "wikitext2_sample.txt"  # WikiText-2 test, start; CC BY-SA 3.0 / GFDL
+SAMPLE = ROOT / "ptqtp" / "data" / "wikitext2_sample.txt"  # `--ppl wikitext2-sample`; CC BY-SA 3.0 / GFDL
 PROMPT = "The capital of France is Paris. The capital of Germany is"
 
 
@@ -38,30 +38,16 @@ def _ptqtp(*argv: str, log: pathlib.Path) -> None:
         raise SystemExit(f"error: `ptqtp {' '.join(argv)}` failed (exit {rc}); full log in {log}")
 
 
-def _find_number(obj, keys=("perplexity", "ppl")) -> float | None:
-    """The first number stored under one of `keys`, searched depth-first through the results JSON."""
-    if isinstance(obj, dict):
-        for k in keys:
-            if isinstance(obj.get(k), (int, float)):
-                return float(obj[k])
-        obj = list(obj.values())
-    if isinstance(obj, list):
-        for v in obj:
-            found = _find_number(v, keys)
-            if found is not None:
-                return found
-    return None
-
-
 def _perplexity(model_dir: pathlib.Path, args, out: pathlib.Path, device: str) -> float:
     result = out / f"eval-{model_dir.name}.json"
-    _ptqtp("eval", str(model_dir), "--ppl", str(SAMPLE), "--seq-len", str(args.seq_len),
+    _ptqtp("eval", str(model_dir), "--ppl", "wikitext2-sample", "--seq-len", str(args.seq_len),
            "--max-windows", str(args.windows), "--device", device, "--output", str(result),
            log=out / f"eval-{model_dir.name}.log")
-    ppl = _find_number(json.loads(result.read_text()))
-    if ppl is None:
-        raise SystemExit(f"error: no perplexity in {result}")
-    return ppl
+    record = json.loads(result.read_text())["perplexity"]
+    if record["windows"] != args.windows:
+        raise SystemExit(f"error: the sample holds only {record['windows']} windows of {args.seq_len} tokens; "
+                         "lower --windows or --seq-len")
+    return float(record["perplexity"])
 
 
 def _dir_bytes(d: pathlib.Path) -> int:
@@ -85,14 +71,6 @@ def _decode(model, tok, device: str, new_tokens: int) -> tuple[str, float]:
         dt = time.perf_counter() - t0
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return " ".join(text.split()), new_tokens / dt
-
-
-def _backend_name(model) -> str:
-    for m in model.modules():
-        if type(m).__name__ == "TritPlaneLinear":
-            text = m.extra_repr()
-            return text.split("backend=")[-1].split(",")[0] if "backend=" in text else "reference"
-    return "?"
 
 
 def main(argv=None) -> int:
@@ -128,7 +106,7 @@ def main(argv=None) -> int:
 
     _step(f"greedy decode, {args.new_tokens} tokens, batch 1 (dense, then ptqtp)")
     import ptqtp
-    from ptqtp.inspect import describe
+    from ptqtp.inspect import describe, selected_backend
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -138,11 +116,12 @@ def main(argv=None) -> int:
     del dense
     quant = ptqtp.from_pretrained(str(q_dir), dtype=dtype, device_map=device).eval()
     text_q, tps_q = _decode(quant, tok, device, args.new_tokens)
-    backend = _backend_name(quant)
     del quant
 
     info = describe(str(q_dir))
     size_dense, size_q = _dir_bytes(dense_dir), _dir_bytes(q_dir)
+    big = max(info.quantized, key=lambda t: t.out_features * t.in_features)
+    backend = selected_backend(1, big.out_features, big.in_features, info.config.group_size, info.hf_config, dtype)
     linears_dense = 4 * info.quantized_weights  # the same Linears in the dense fp32 file
     linears_q = sum(t.stored_bytes for t in info.quantized)
     mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
@@ -166,7 +145,7 @@ def main(argv=None) -> int:
     print(f"  ptqtp: {text_q[:200]}")
     print(f"\n*  first {args.windows} windows of {args.seq_len} tokens of {SAMPLE.relative_to(ROOT)} "
           "(start of WikiText-2 test; CC BY-SA 3.0), `ptqtp eval` for both")
-    print(f"** greedy, {args.new_tokens} new tokens after a warm-up, same prompt; ptqtp kernel backend: {backend}")
+    print(f"** greedy, {args.new_tokens} new tokens after a warm-up, same prompt; decode backend: {backend}")
     print(f"total demo time {time.perf_counter() - start:.0f} s; models and logs in {out}")
     return 0
 

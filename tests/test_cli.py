@@ -30,10 +30,19 @@ DOCUMENTED_FLAGS = {
 }
 
 
-def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    """Run `python -m ptqtp ARGV` as a user would, capturing both streams."""
-    return subprocess.run([sys.executable, "-m", "ptqtp", *argv], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
+@pytest.fixture(autouse=True)
+def _user_environment(monkeypatch):
+    """As a user runs it: one-line errors (no PTQTP_DEBUG) and the backend ptqtp picks itself."""
+    for var in ("PTQTP_DEBUG", "PTQTP_BACKEND", "PTQTP_DISABLED_BACKENDS"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def run_cli(capsys, *argv: str) -> subprocess.CompletedProcess:
+    """`ptqtp ARGV` through the CLI's own `main` (the console script's body), capturing both streams."""
+    capsys.readouterr()
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["ptqtp", *argv], rc, out, err)
 
 
 def _help(capsys, *argv: str) -> str:
@@ -66,7 +75,7 @@ def test_version_matches_the_package(capsys):
 
 
 def test_console_script_runs():
-    """The installed `ptqtp` entry point (not only `python -m ptqtp`) works."""
+    """The installed `ptqtp` entry point works as its own process."""
     exe = pathlib.Path(sys.executable).with_name("ptqtp")
     assert exe.exists(), f"no console script at {exe}; reinstall with pip install -e ."
     out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=120)
@@ -139,13 +148,14 @@ def _quantized_tiny(tiny_model_dir, tmp_path) -> pathlib.Path:
     from ptqtp.pipeline import quantize_checkpoint
 
     out = tmp_path / "tiny-ptqtp"
-    quantize_checkpoint(str(tiny_model_dir("llama")), str(out), ptqtp.TritPlaneConfig(max_iters=5))
+    quantize_checkpoint(str(tiny_model_dir("llama")), str(out), ptqtp.TritPlaneConfig(max_iters=5),
+                        show_progress=False)
     return out
 
 
-def test_info_on_a_quantized_model(tiny_model_dir, tmp_path):
+def test_info_on_a_quantized_model(capsys, tiny_model_dir, tmp_path):
     out_dir = _quantized_tiny(tiny_model_dir, tmp_path)
-    res = run_cli("info", str(out_dir))
+    res = run_cli(capsys, "info", str(out_dir))
     assert res.returncode == 0, res.stderr
     text = res.stdout
     assert re.search(r"^format\s+ptqtp v1, packing base3-5", text, re.M)
@@ -153,16 +163,18 @@ def test_info_on_a_quantized_model(tiny_model_dir, tmp_path):
     bits = float(re.search(r"^bits per weight\s+([\d.]+)", text, re.M).group(1))
     assert 3.45 <= bits < 3.7  # tiny widths (160, 288) have partial groups, so slightly above 3.45
     assert re.search(r"^tensors\s+14 quantized Linears", text, re.M)
-    report = json.loads((out_dir / "ptqtp_report.json").read_text())
-    assert report, "quantize wrote an empty report"
+    ratio = float(re.search(r"^size on disk .*\(dense original .*, ([\d.]+)x smaller\)$", text, re.M).group(1))
+    totals = json.loads((out_dir / "ptqtp_report.json").read_text())["totals"]
+    assert ratio == pytest.approx(totals["size_before_bytes"] / totals["size_after_bytes"], abs=0.006)
+    assert bits == pytest.approx(totals["bits_per_weight"], abs=5e-4)  # files and report agree
     assert re.search(r"^relative error\s+mean 0\.\d+, max 0\.\d+ over 14 tensors", text, re.M)
     assert len(re.findall(r"^  0\.\d{4}  model\.layers\.", text, re.M)) == 5  # worst 5 tensors
     for label in ("decode", "prefill"):
         assert re.search(rf"^backend {label}\s+M=\d+\s+\w+", text, re.M), f"no {label} backend line"
 
 
-def test_info_without_dir_lists_backends_with_reasons():
-    res = run_cli("info")
+def test_info_without_dir_lists_backends_with_reasons(capsys):
+    res = run_cli(capsys, "info")
     assert res.returncode == 0, res.stderr
     rows = res.stdout.splitlines()[1:]
     assert any(re.match(r"\s+reference\s+yes\s+\S", r) for r in rows), res.stdout
@@ -170,18 +182,18 @@ def test_info_without_dir_lists_backends_with_reasons():
 
 
 @pytest.mark.parametrize("case", ["missing", "dense", "empty", "corrupt"])
-def test_info_on_a_non_ptqtp_dir_is_one_line(tiny_model_dir, tmp_path, case):
+def test_info_on_a_non_ptqtp_dir_is_one_line(capsys, tiny_model_dir, tmp_path, case):
     if case == "missing":
         target, expect = tmp_path / "nope", "no such directory"
     elif case == "dense":
-        target, expect = tiny_model_dir("llama"), "not a ptqtp directory"
+        target, expect = tiny_model_dir("llama"), "not a ptqtp checkpoint"
     elif case == "empty":
         target, expect = tmp_path, "no config.json"
     else:
         target = _hand_packed_dir(tiny_model_dir("llama"), tmp_path / "q")
         (target / "model.safetensors").write_bytes(b"\xff" * 16)
-        expect = "model.safetensors is not a readable safetensors file"
-    res = run_cli("info", str(target))
+        expect = "model.safetensors is not a valid safetensors file"
+    res = run_cli(capsys, "info", str(target))
     assert res.returncode == 2
     assert res.stdout == ""
     lines = res.stderr.strip().splitlines()
