@@ -182,6 +182,26 @@ class ShardWriter:
             _raise_os(self.path, e)
         self._next += 1
 
+    def copy_from_file(self, name: str, src, start: int, length: int, chunk: int = 1 << 24) -> None:
+        """Copy a tensor's bytes verbatim from another file in chunks: a dense tensor never enters memory whole."""
+        spec = self.specs[self._next] if self._next < len(self.specs) else None
+        if spec is None or spec.name != name or spec.nbytes != length:
+            raise RuntimeError(f"shard writer got {name} ({length} bytes), planned {spec}")
+        try:
+            with open(src, "rb") as f:
+                f.seek(start)
+                left = length
+                while left:
+                    block = f.read(min(chunk, left))
+                    if not block:
+                        raise _corrupt(src, f"{name} ends early")
+                    self._put(block)
+                    left -= len(block)
+        except OSError as e:
+            self._abort()
+            _raise_os(self.path, e)
+        self._next += 1
+
     def sha256(self) -> str:
         return self._hash.hexdigest()
 

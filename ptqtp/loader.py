@@ -48,6 +48,7 @@ class SourceTensor:
     action: str  # QUANTIZE, QUANTIZE_EXPERTS or DENSE
     module: str  # the owning module's dotted name (the name without `.weight`)
     reason: str  # why it stays dense ("" when quantized)
+    data_range: tuple[int, int]  # absolute byte range of the tensor's data in `file`
 
 
 def _looks_like_path(model: str) -> bool:
@@ -173,7 +174,9 @@ def list_tensors(model_dir: pathlib.Path, config: TritPlaneConfig) -> list[Sourc
                 raise CorruptCheckpointError(f"tensor {name} appears in both {found[name].file.name} and "
                                              f"{path.name}; the checkpoint is inconsistent, download it again.")
             action, module, reason = classify(name, spec.shape, spec.dtype, config)
-            found[name] = SourceTensor(name, path, spec.dtype, spec.shape, action, module, reason)
+            begin, end = header.offsets[name]
+            found[name] = SourceTensor(name, path, spec.dtype, spec.shape, action, module, reason,
+                                       (header.data_start + begin, header.data_start + end))
     return [found[n] for n in sorted(found, key=_natural_key)]
 
 

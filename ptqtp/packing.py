@@ -13,7 +13,6 @@ import torch
 from . import format as fmt
 from .errors import CorruptCheckpointError
 
-_DIGIT_WEIGHTS = torch.tensor(fmt.DIGIT_WEIGHTS, dtype=torch.int16)
 _LUT_CACHE: dict[torch.device, torch.Tensor] = {}
 
 
@@ -39,12 +38,15 @@ def pack(planes: torch.Tensor) -> torch.Tensor:
     n = planes.shape[-1]
     nb = fmt.packed_cols(n)
     pad = nb * fmt.TRITS_PER_BYTE - n
-    digits = (planes.to(torch.int16) + 1)  # (..., in), {0, 1, 2}
+    digits = (planes.to(torch.int8) + 1).to(torch.uint8)  # (..., in), {0, 1, 2}
     if pad:
         digits = torch.nn.functional.pad(digits, (0, pad), value=1)  # padding trit 0 = digit 1
-    digits = digits.reshape(*planes.shape[:-1], nb, fmt.TRITS_PER_BYTE)
-    packed = (digits * _DIGIT_WEIGHTS.to(digits.device)).sum(dim=-1)  # (..., nb), <= 242
-    return packed.to(torch.uint8)
+    digits = digits.reshape(*planes.shape[:-1], nb, fmt.TRITS_PER_BYTE)  # (..., nb, 5)
+    # Horner from the most significant digit, in uint8 throughout: every partial sum is <= 242
+    packed = digits[..., fmt.TRITS_PER_BYTE - 1].clone()  # (..., nb)
+    for k in range(fmt.TRITS_PER_BYTE - 2, -1, -1):
+        packed.mul_(3).add_(digits[..., k])
+    return packed
 
 
 def unpack(packed: torch.Tensor, shape) -> torch.Tensor:

@@ -182,24 +182,41 @@ def _copy_aux_files(src: pathlib.Path, out: pathlib.Path) -> list[str]:
 # ---------------------------------------------------------------------------------------- per tensor
 
 
-def _quantize_matrix(w: torch.Tensor, name: str, config: TritPlaneConfig):
+def _quantize_matrix(w: torch.Tensor, name: str, config: TritPlaneConfig, planes=None):
     """(packed uint8 (2, out, nb), scales fp16 (2, out, G), relative error, iterations) of one (out, in) weight."""
     from .packing import PackedTritPlanes
     from .solver import decompose
 
-    tp = decompose(w, config.group_size, config.method, config.max_iters, config.tol, name=name)
-    err = tp.relative_error(w)
+    tp = planes.get(name) if planes else None  # precomputed by calibrated mode (--calib)
+    if tp is None:
+        tp = decompose(w, config.group_size, config.method, config.max_iters, config.tol, name=name)
+    err = _relative_error(w, tp.planes, tp.scales, config.group_size)
     p = PackedTritPlanes.from_trit_planes(tp)
     return p.packed.cpu(), p.scales.cpu(), err, float(tp.iterations)
 
 
-def _process(pt: PlannedTensor, device: torch.device, config: TritPlaneConfig):
-    """Read, quantize and return ([(name, tensor)] in plan order, report row or None) for one source tensor."""
+def _relative_error(w: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor, group_size: int) -> float:
+    """||W - W_hat||_F / ||W||_F of what is stored, over row chunks (a full float64 copy would double the peak)."""
+    from .packing import expand_scales
+
+    rows = max(1, (1 << 22) // w.shape[1])
+    err = ref = 0.0
+    for r0 in range(0, w.shape[0], rows):
+        wc = w[r0:r0 + rows]  # (rows, in)
+        s = expand_scales(scales[:, r0:r0 + rows].to(torch.float32), w.shape[1], group_size)  # (2, rows, in)
+        w_hat = (planes[:, r0:r0 + rows].to(torch.float32) * s).sum(dim=0)  # (rows, in)
+        err += float(torch.linalg.vector_norm(wc - w_hat, dtype=torch.float64)) ** 2
+        ref += float(torch.linalg.vector_norm(wc, dtype=torch.float64)) ** 2
+    if ref == 0.0:
+        return 0.0 if err == 0.0 else math.inf
+    return math.sqrt(err / ref)
+
+
+def _process(pt: PlannedTensor, device: torch.device, config: TritPlaneConfig, planes=None):
+    """Read and quantize one source tensor: ([(name, tensor)] in plan order, report row)."""
     src = pt.source
-    t = loader.read_tensor(src)
-    if src.action == loader.DENSE:
-        return [(src.name, t)], None
     t0 = time.perf_counter()
+    t = loader.read_tensor(src)
     w = t.to(device=device, dtype=torch.float32)  # (out, in) or (E, out, in)
     del t
     if config.method in INT_BASELINES:
@@ -211,7 +228,7 @@ def _process(pt: PlannedTensor, device: torch.device, config: TritPlaneConfig):
         row = _row(src, err, 0.0, time.perf_counter() - t0)
         return [(src.name, q.to(device="cpu", dtype=src.dtype).reshape(src.shape))], row
     if src.action == loader.QUANTIZE:
-        packed, scales, err, iters = _quantize_matrix(w, src.name, config)
+        packed, scales, err, iters = _quantize_matrix(w, src.name, config, planes)
     else:  # fused experts: each (out, in) slice is its own Linear
         parts = [_quantize_matrix(w[e], f"{src.name}[expert {e}]", config) for e in range(w.shape[0])]
         packed = torch.stack([p[0] for p in parts])  # (E, 2, out, nb)
@@ -248,7 +265,7 @@ def _row(src: loader.SourceTensor, err: float, iters: float, seconds: float) -> 
 
 def quantize_checkpoint(model, out, config: TritPlaneConfig | None = None, *, resume: bool = False,
                         overwrite: bool = False, max_shard_size="5GB", show_progress: bool = True,
-                        revision: str | None = None) -> dict:
+                        revision: str | None = None, planes=None) -> dict:
     """Quantize every decoder Linear of a checkpoint on disk and write a ptqtp directory.
 
     Args:
@@ -260,6 +277,8 @@ def quantize_checkpoint(model, out, config: TritPlaneConfig | None = None, *, re
         max_shard_size: largest output shard, e.g. "5GB", "500MB" or a byte count.
         show_progress: a progress bar over tensors on stderr and a summary table on stdout.
         revision: hub revision (branch, tag or commit) when `model` is a hub id.
+        planes: tensor name -> `TritPlanes` computed beforehand (calibrated mode, `ptqtp.calibration`);
+            those weights are packed as given instead of solved.
     Returns:
         The report also written to `out/ptqtp_report.json`.
     """
@@ -303,12 +322,16 @@ def quantize_checkpoint(model, out, config: TritPlaneConfig | None = None, *, re
             shard_rows = []
             with ckpt.ShardWriter(out / shard.name, shard.specs, _shard_metadata(config)) as writer:
                 for pt in shard.tensors:
-                    bar.set_postfix_str(pt.source.module[-40:], refresh=False)
-                    tensors, row = _process(pt, device, config)
-                    for name, tensor in tensors:
-                        writer.write(name, tensor)
-                    del tensors
-                    if row:
+                    src_t = pt.source
+                    bar.set_postfix_str(src_t.module[-40:], refresh=False)
+                    if src_t.action == loader.DENSE:  # bytes copied as they are, in chunks
+                        begin, end = src_t.data_range
+                        writer.copy_from_file(src_t.name, src_t.file, begin, end - begin)
+                    else:
+                        tensors, row = _process(pt, device, config, planes)
+                        for name, tensor in tensors:
+                            writer.write(name, tensor)
+                        del tensors
                         shard_rows.append(row)
                     bar.update(1)
                     if delay:
@@ -370,7 +393,18 @@ def _already_complete(out: pathlib.Path, fingerprint: str, show_progress: bool) 
 
 
 def _peak_rss() -> int:
-    """Peak resident set of this process in bytes (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set of this process in bytes.
+
+    Linux: VmHWM of /proc/self/status, which starts afresh at exec (ru_maxrss keeps the high-water mark of the
+    process that forked us, so a big parent would inflate it). Elsewhere ru_maxrss (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
