@@ -29,6 +29,7 @@ FP16_MAX = 65504.0
 # TOP times max|w| and the ratio a2 / a1 is one of RATIOS. The best start per group is kept.
 START_TOPS = (1.0,)
 START_RATIOS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
+START_ROUNDS = 6  # rounds every start runs before the best one per group is kept
 
 # Paper's adaptive ridge: lambda starts here, grows x10 while ||A||_F^2 / det(A) > RIDGE_KAPPA, capped at 1.
 RIDGE_LAMBDA0 = 1e-8
@@ -195,6 +196,8 @@ def _paper(w, max_iters, tol, trace):
     s = torch.where(w < 0, -1.0, 1.0)
     t = torch.stack((s, s))  # (2, N, n): both planes sign(W), zeros to +1
     rounds = torch.zeros(n_groups, dtype=torch.int32, device=w.device)
+    if trace is not None:
+        trace.append([])
     _record(trace, lambda: objective(w, a, t))
     _run(w, a, rounds, max_iters, tol, trace, first_t=t,
          step=lambda wa, ta, aa: ridge_scale_step(wa, ta)[0], trits=trit_step_bruteforce)
@@ -202,29 +205,104 @@ def _paper(w, max_iters, tol, trace):
 
 
 def _ptqtp(w, max_iters, tol, trace):
-    """Range-keeping multi-start, then exact LS <-> nearest-level trits with per-group early exit.
+    """Multi-start alternation on the sorted magnitudes of each group (see `decompose`).
 
-    Each start puts the top level a1 + a2 at the group's max |w| (so the largest weights are not clipped, which
-    is where the paper's symmetric start goes wrong) with a ratio a2 / a1 from a grid; its trits are refit by
-    exact LS, and the start with the lowest refit error wins. Alternation then only polishes.
+    The 9 levels are symmetric, so only |w| matters, and for given scales the nearest-level assignment splits
+    the sorted |w| into 5 runs (levels 0, lo, hi-lo, hi, hi+lo, lo and hi-lo possibly swapped). Sorting each
+    group once and keeping prefix sums makes one alternation round O(log n) per group: 4 binary searches
+    give the runs, their counts and sums give S^T S and S^T w, and the 2x2 solve gives the new scales. That is
+    cheap enough to run many starts per group to convergence and keep the best.
     """
-    n_groups = w.shape[0]
-    best_a = torch.zeros(n_groups, 2, device=w.device)
-    best_err = torch.full((n_groups,), math.inf, device=w.device, dtype=torch.float64)
-    for top in START_TOPS:
-        for r in START_RATIOS:
-            a0 = torch.tensor([top / (1 + r), top * r / (1 + r)], device=w.device).expand(n_groups, 2)
-            t = trit_step(w, a0)
-            a1 = ls_scale_step(w, t, a0)
-            err = objective(w, a1, t).double()
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_a = torch.where(better.unsqueeze(1), a1, best_a)
-    a = best_a
-    rounds = torch.ones(n_groups, dtype=torch.int32, device=w.device)
-    _record(trace, lambda: objective(w, a, trit_step(w, a)))
-    _run(w, a, rounds, max_iters - 1, tol, trace, first_t=None, step=ls_scale_step, trits=trit_step)
-    return a, rounds
+    n_groups, n = w.shape
+    xs = w.abs().sort(dim=-1).values.double()  # (N, n) ascending |w|, normalised to max 1
+    psum = torch.nn.functional.pad(xs.cumsum(dim=-1), (1, 0))  # (N, n + 1)
+    x2 = xs.square().sum(dim=-1, keepdim=True)  # (N, 1)
+    starts = torch.tensor([(top / (1 + r), top * r / (1 + r)) for top in START_TOPS for r in START_RATIOS],
+                          dtype=torch.float64, device=w.device)  # (K, 2)
+    hi = starts[:, 0].expand(n_groups, -1).clone()  # (N, K)
+    lo = starts[:, 1].expand(n_groups, -1).clone()
+    tol_k = tol.double().unsqueeze(1)  # (N, 1)
+    # Phase 1: every start for a few rounds; phase 2: the best start per group, to convergence.
+    hi, lo, err, rounds = _alternate(xs, psum, x2, hi, lo, min(START_ROUNDS, max_iters), tol_k, trace)
+    best = err.argmin(dim=-1, keepdim=True)  # (N, 1), first on ties
+    hi, lo = hi.gather(1, best), lo.gather(1, best)  # (N, 1)
+    if max_iters > START_ROUNDS:
+        hi, lo, _, more = _alternate(xs, psum, x2, hi, lo, max_iters - START_ROUNDS, tol_k, trace)
+        rounds += more
+    return torch.cat((hi, lo), dim=-1).float(), rounds
+
+
+def _alternate(xs, psum, x2, hi, lo, max_iters, tol, trace):
+    """Run `_magnitude_round` on K scale pairs per group (N, K) until no pair of a group moves more than
+    `tol` (N, 1), or max_iters rounds. Converged groups leave the working set. Returns hi, lo, err (N, K) and
+    rounds (N,) int32."""
+    n_groups = xs.shape[0]
+    err = torch.full_like(hi, math.inf)
+    rounds = torch.zeros(n_groups, dtype=torch.int32, device=xs.device)
+    active = torch.arange(n_groups, device=xs.device)
+    if trace is not None:
+        trace.append([])
+    xa, pa, x2a, ha, la, ea, ta = xs, psum, x2, hi, lo, err, tol
+    live = torch.ones(n_groups, dtype=torch.bool, device=xs.device)
+    for _ in range(max_iters):
+        h, l, e = _magnitude_round(xa, pa, x2a, ha, la)
+        moving = ((h - ha).abs() > ta) | ((l - la).abs() > ta)  # (A, K)
+        lv = live.unsqueeze(1)
+        ha, la, ea = torch.where(lv, h, ha), torch.where(lv, l, la), torch.where(lv, e, ea)
+        rounds[active] += live.int()
+        live = live & moving.any(dim=-1)
+        if trace is not None:
+            hi[active], lo[active], err[active] = ha, la, ea
+            trace[-1].append(float(err.sum()))
+        n_live = int(live.sum())
+        if n_live < 0.75 * live.numel():  # drop converged groups from the working set
+            hi[active], lo[active], err[active] = ha, la, ea
+            active = active[live]
+            if n_live == 0:
+                break
+            xa, pa, x2a, ha, la, ea, ta = xa[live], pa[live], x2a[live], ha[live], la[live], ea[live], ta[live]
+            live = torch.ones(n_live, dtype=torch.bool, device=xs.device)
+    if active.numel():
+        hi[active], lo[active], err[active] = ha, la, ea
+    return hi, lo, err, rounds
+
+
+def _magnitude_round(xs, psum, x2, hi, lo):
+    """One LS <- nearest-level round on sorted magnitudes xs (N, n) for K scale pairs hi >= lo >= 0 (N, K).
+
+    Returns the refit pair in canonical form (N, K) each and the squared error (N, K) of the refit scales with
+    the trits of the input scales.
+    """
+    N, n = xs.shape
+    K = hi.shape[1]
+    small, big = torch.minimum(lo, hi - lo), torch.maximum(lo, hi - lo)
+    thr = torch.stack((0.5 * small, 0.5 * (small + big), 0.5 * (big + hi), hi + 0.5 * lo), dim=-1)  # (N, K, 4)
+    idx = torch.searchsorted(xs, thr.reshape(N, 4 * K), right=True).reshape(N, K, 4)  # #(x <= threshold)
+    bounds = torch.cat((idx.new_zeros(N, K, 1), idx, idx.new_full((N, K, 1), n)), dim=-1)  # (N, K, 6)
+    cnt = bounds.diff(dim=-1).double()  # (N, K, 5) weights per level, in increasing level order
+    s = psum.gather(1, bounds.reshape(N, 6 * K)).reshape(N, K, 6).diff(dim=-1)  # (N, K, 5) sum of |w| per level
+    swapped = (lo > hi - lo)  # (N, K): level order 0, hi-lo, lo, hi, hi+lo
+    c1, c2, c3, c4 = cnt[..., 1], cnt[..., 2], cnt[..., 3], cnt[..., 4]
+    s1, s2, s3, s4 = s[..., 1], s[..., 2], s[..., 3], s[..., 4]
+    # run holding (hi, lo) trits (0, 1) and run holding (1, -1): runs 1 and 2, or 2 and 1 when swapped
+    c_p = torch.where(swapped, c2, c1); s_p = torch.where(swapped, s2, s1)  # (0, 1)
+    c_m = torch.where(swapped, c1, c2); s_m = torch.where(swapped, s1, s2)  # (1, -1)
+    g11 = c_m + c3 + c4
+    g22 = c_p + c_m + c4
+    g12 = c4 - c_m
+    b1 = s_m + s3 + s4
+    b2 = s_p - s_m + s4
+    det = g11 * g22 - g12 * g12  # exact: counts
+    ok = det > 0
+    safe = torch.where(ok, det, torch.ones_like(det))
+    full1, full2 = (g22 * b1 - g12 * b2) / safe, (g11 * b2 - g12 * b1) / safe
+    only1 = (b1 - g12 * lo) / g11.clamp(min=1)
+    only2 = (b2 - g12 * hi) / g22.clamp(min=1)
+    a1 = torch.where(ok, full1, torch.where(g11 > 0, only1, hi))
+    a2 = torch.where(ok, full2, torch.where((g11 == 0) & (g22 > 0), only2, lo))
+    e = x2 - 2 * (a1 * b1 + a2 * b2) + a1 * a1 * g11 + 2 * a1 * a2 * g12 + a2 * a2 * g22  # (N, K)
+    a1, a2 = a1.abs(), a2.abs()
+    return torch.maximum(a1, a2), torch.minimum(a1, a2), e
 
 
 def _run(w, a, rounds, max_iters, tol, trace, first_t, step, trits):
@@ -279,7 +357,7 @@ def _finish(w: torch.Tensor, a: torch.Tensor, m: torch.Tensor):
     hi, lo = s.amax(dim=-1), s.amin(dim=-1)  # (N,)
     scaled = torch.stack((hi, lo), dim=-1) * m.unsqueeze(1)  # (N, 2) in weight units
     stored = scaled.clamp(max=FP16_MAX).to(torch.float16).to(torch.float32)
-    t = trit_step(w, stored)  # (2, N, n), w in weight units
+    t = trit_step(w, stored) * (stored.T.unsqueeze(-1) != 0)  # (2, N, n); no trits on a zero-scale plane
     return stored, t.to(torch.int8)
 
 
@@ -288,15 +366,14 @@ def _solve(w: torch.Tensor, method: str, max_iters: int, tol: float, trace) -> t
     m = w.abs().amax(dim=-1)  # (N,)
     m_safe = torch.where(m > 0, m, torch.ones_like(m))
     wn = w / m_safe.unsqueeze(1)  # (N, n), max |w| = 1 (or all zero)
-    if trace is not None:
-        trace.append([])
     tol_n = tol / m_safe  # (N,): tol is in weight units, the solve in normalised units
     a, rounds = _SOLVERS[method](wn, max_iters, tol_n, trace)
     scales, t = _finish(w, a, m_safe)
     return scales, t, rounds
 
 
-def _check(weight, group_size, method, max_iters, tol, name):
+def validate_weight(weight, group_size: int, name: str | None = None) -> None:
+    """Raise a `PtqtpError` naming the problem unless `weight` is a finite 2-D float tensor and group_size > 0."""
     what = f"weight {name!r}" if name else "weight"
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
@@ -307,12 +384,6 @@ def _check(weight, group_size, method, max_iters, tol, name):
         raise BadOptionError(f"{what} has no input columns (shape {tuple(weight.shape)}); nothing to quantize.")
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1:
         raise BadOptionError(f"group_size must be a positive integer, got {group_size!r}; use e.g. 128.")
-    if method not in METHODS:
-        raise BadOptionError(f"unknown solver method {method!r}; choose one of {', '.join(METHODS)}.")
-    if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
-        raise BadOptionError(f"max_iters must be a positive integer, got {max_iters!r}.")
-    if not (isinstance(tol, (int, float)) and tol >= 0):
-        raise BadOptionError(f"tol must be a number >= 0, got {tol!r}.")
     bad = ~torch.isfinite(weight)
     if bool(bad.any()):
         r, c = (int(i) for i in bad.nonzero()[0])
@@ -353,7 +424,13 @@ def decompose(weight: torch.Tensor, group_size: int = 128, method: str = "ptqtp"
         NonFiniteWeightError (a ValueError): the weight holds NaN or Inf.
         BadOptionError: malformed arguments.
     """
-    _check(weight, group_size, method, max_iters, tol, name)
+    if method not in METHODS:
+        raise BadOptionError(f"unknown solver method {method!r}; choose one of {', '.join(METHODS)}.")
+    if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
+        raise BadOptionError(f"max_iters must be a positive integer, got {max_iters!r}.")
+    if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol >= 0):
+        raise BadOptionError(f"tol must be a number >= 0, got {tol!r}.")
+    validate_weight(weight, group_size, name)
     out, n = weight.shape
     dev = weight.device
     G = math.ceil(n / group_size)
