@@ -378,3 +378,173 @@ def _quantize_layer(layer, linears, hidden, args, kwargs, device, config, damp, 
             if on_linear is not None:
                 on_linear(n)
     return planes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Disk to disk: `ptqtp quantize MODEL -o OUT --calib FILE`
+
+PARTIAL_DIR = ".calib-partial"  # inside OUT: finished layers of an interrupted calibrated run
+_STATE_NAME = "state.json"
+
+
+def _layer_file(partial, index: int):
+    return partial / f"layer-{index:05d}.safetensors"
+
+
+def _save_layer(partial, result: LayerResult) -> None:
+    """Persist one finished layer (packed planes + fp16 scales, exactly what the checkpoint will hold)."""
+    from . import checkpoint as ckpt
+    from .packing import PackedTritPlanes
+
+    tensors = {}
+    for name, tp in result.planes.items():
+        p = PackedTritPlanes.from_trit_planes(tp)
+        tensors[f"{name}.packed"] = p.packed  # (2, out, ceil(in/5)) uint8
+        tensors[f"{name}.scales"] = p.scales  # (2, out, G) fp16
+        tensors[f"{name}.shape"] = torch.tensor(tp.planes.shape[1:], dtype=torch.int64)  # (out, in)
+    ckpt.write_shard(_layer_file(partial, result.index), tensors)
+
+
+def _load_layers(partial, group_size: int) -> dict[int, dict[str, TritPlanes]]:
+    """Finished layers saved by an interrupted run (files are complete or absent: written atomically)."""
+    from safetensors.torch import load_file
+
+    from .packing import PackedTritPlanes
+
+    done: dict[int, dict[str, TritPlanes]] = {}
+    for path in sorted(partial.glob("layer-*.safetensors")):
+        tensors = load_file(str(path))
+        planes = {}
+        for key in tensors:
+            if key.endswith(".packed"):
+                name = key[: -len(".packed")]
+                in_f = int(tensors[f"{name}.shape"][1])
+                p = PackedTritPlanes(tensors[key], tensors[f"{name}.scales"], in_f, group_size)
+                planes[name] = p.to_trit_planes()
+        done[int(path.stem.split("-")[1])] = planes
+    return done
+
+
+def _state(config: TritPlaneConfig, tokens: torch.Tensor, damp: float, model_dir) -> dict:
+    """What a resumed calibrated run must share with the one it continues."""
+    import hashlib
+
+    from ._version import __version__
+
+    return {"ptqtp_version": __version__, "config": config.to_dict(), "damp": damp, "model": str(model_dir),
+            "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
+            "tokens_shape": list(tokens.shape)}
+
+
+def _compute_dtype(model_dir, device: torch.device) -> torch.dtype:
+    """float32 on CPU (CPU bf16 matmuls are slow and fp16 ones imprecise); the checkpoint's dtype on GPU."""
+    if device.type == "cpu":
+        return torch.float32
+    from . import checkpoint as ckpt
+
+    hf_config = ckpt.read_hf_config(model_dir)
+    name = str(hf_config.get("torch_dtype") or hf_config.get("dtype") or "float32")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def quantize_checkpoint_calibrated(model, out, config: TritPlaneConfig | None = None, calib: str = "boolq",
+                                   calib_samples: int = 128, calib_seq_len: int = 2048, *, resume: bool = False,
+                                   overwrite: bool = False, max_shard_size="5GB", show_progress: bool = True,
+                                   revision: str | None = None, damp: float = DEFAULT_DAMP) -> dict:
+    """`ptqtp quantize MODEL -o OUT --calib FILE`: calibrated trit-planes, written in the ordinary ptqtp format.
+
+    The model is loaded on CPU (float32 there; its own dtype when layers run on CUDA), calibrated layer by
+    layer (see the module docstring), and the result goes through the calibration-free writer
+    (`pipeline.quantize_checkpoint` with the planes precomputed), so shards, config, report and loading are
+    exactly those of calibration-free quantization. Resume works at layer granularity: finished layers are
+    kept in OUT/.calib-partial until the checkpoint is complete.
+
+    Args:
+        model: hub id or local folder (as for `quantize_checkpoint`).
+        out: output directory.
+        config: `TritPlaneConfig`; its method must be a trit-plane solver (ptqtp, paper, rtn-ternary).
+        calib: calibration text: .txt / .jsonl file, or "boolq" for the bundled BoolQ passages.
+        calib_samples, calib_seq_len: number and length of the calibration sequences.
+        resume, overwrite, max_shard_size, show_progress, revision: as for `quantize_checkpoint`.
+        damp: Hessian damping, fraction of its mean diagonal.
+    Returns:
+        The report written to OUT/ptqtp_report.json, with a `calibration` entry added.
+    """
+    import json
+    import pathlib
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import checkpoint as ckpt
+    from . import loader, pipeline
+    from .calibration_data import load_calibration_tokens, resolve_calibration_path
+    from .errors import OutputExistsError
+
+    config = config or TritPlaneConfig()
+    if config.method not in SOLVER_METHODS:
+        raise BadOptionError(f"method {config.method!r} has no trit-planes to calibrate; with --calib use one of "
+                             f"{', '.join(SOLVER_METHODS)}.")
+    if resume and overwrite:
+        raise BadOptionError("--resume and --overwrite contradict each other; pass one of them.")
+    t_start = time.perf_counter()
+    device = pipeline._resolve_device(config.device)
+    src = loader.resolve_model(model, revision)
+    loader.check_source(src)
+    calib_path = resolve_calibration_path(calib)
+    out = pathlib.Path(out)
+    partial = out / PARTIAL_DIR
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        raise OutputExistsError(f"{out} already exists; pass --resume to continue an interrupted run there, "
+                                "or --overwrite to replace it.")
+    if resume and not partial.is_dir():
+        if (out / pipeline.MANIFEST_NAME).is_file():
+            raise OutputExistsError(f"{out} holds an interrupted run without --calib; resume it without --calib, "
+                                    "or pass --overwrite to start a calibrated run over.")
+        if (out / ckpt.CONFIG_NAME).is_file() and (out / pipeline.REPORT_NAME).is_file():  # finished already
+            return pipeline.quantize_checkpoint(src, out, config, resume=True, max_shard_size=max_shard_size,
+                                                show_progress=show_progress)
+    if overwrite and partial.is_dir():
+        shutil.rmtree(partial)
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokens = load_calibration_tokens(calib_path, tokenizer, calib_samples, calib_seq_len)  # (n, seq_len)
+    state = _state(config, tokens, damp, src)
+    done = {}
+    if resume and (partial / _STATE_NAME).is_file():
+        if json.loads((partial / _STATE_NAME).read_text()) != state:
+            raise OutputExistsError(f"{out} holds an interrupted calibrated run with other options or text; rerun "
+                                    "with the same options, or pass --overwrite to start over.")
+        done = _load_layers(partial, config.group_size)
+    partial.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_json(partial / _STATE_NAME, state)
+
+    hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=_compute_dtype(src, device)).eval()
+    prefix, layers = find_decoder_layers(hf_model)
+    n_linears = sum(len(quantizable_linears(layer, f"{prefix}.{i}", config)) for i, layer in enumerate(layers))
+    bar = pipeline._progress(n_linears, show_progress)
+    if show_progress:
+        bar.set_description("calibrate")
+        bar.update(sum(len(v) for v in done.values()))
+    try:
+        planes = calibrate_model(hf_model, tokens, config, device=device, damp=damp, done=done,
+                                 on_layer=lambda r: _save_layer(partial, r),
+                                 on_linear=lambda name: (bar.set_postfix_str(name[-40:], refresh=False),
+                                                         bar.update(1)))
+    finally:
+        bar.close()
+    calib_seconds = time.perf_counter() - t_start
+    del hf_model
+
+    # overwrite: the writer clears the files of any earlier run (directories, like PARTIAL_DIR, stay);
+    # otherwise OUT holds at least PARTIAL_DIR, and resume=True makes the writer start or continue in place.
+    report = pipeline.quantize_checkpoint(src, out, config, resume=not overwrite, overwrite=overwrite,
+                                          max_shard_size=max_shard_size,
+                                          show_progress=show_progress,
+                                          planes={f"{name}.weight": tp for name, tp in planes.items()})
+    report["calibration"] = {"file": str(calib_path), "samples": calib_samples, "seq_len": calib_seq_len,
+                             "damp": damp, "linears": len(planes), "calibration_seconds": round(calib_seconds, 2),
+                             "wall_seconds": round(time.perf_counter() - t_start, 2)}
+    ckpt.atomic_write_json(out / pipeline.REPORT_NAME, report)
+    shutil.rmtree(partial, ignore_errors=True)
+    return report

@@ -202,3 +202,57 @@ def test_refuses_non_trit_methods(tiny_model_dir):
     with pytest.raises(BadOptionError, match="rtn-int3"):
         calibrate_model(model, ids, ptqtp.TritPlaneConfig(method="rtn-int3"))
 
+
+
+# ------------------------------------------------------------------------------------------ checkpoint on disk
+
+
+def _headers(model_dir):
+    from safetensors import safe_open
+
+    found = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                t = sf.get_slice(k)
+                found[k] = (t.get_dtype(), tuple(t.get_shape()))
+    return found
+
+
+def test_calibrated_checkpoint_has_the_calibration_free_format_and_loads(tiny_model_dir, tmp_path):
+    from ptqtp.cli import main
+
+    src = tiny_model_dir("qwen2")  # q/k/v biases: they must be kept as they are
+    free_dir, cal_dir = tmp_path / "free", tmp_path / "cal"
+    common = ["--max-iters", str(FAST_ITERS), "--quiet"]
+    assert main(["quantize", str(src), "-o", str(free_dir), *common]) == 0
+    assert main(["quantize", str(src), "-o", str(cal_dir), *common, "--calib", "boolq",
+                 "--calib-samples", "4", "--calib-seq-len", "64"]) == 0
+    assert _headers(cal_dir) == _headers(free_dir)
+    cfg_free = json.loads((free_dir / "config.json").read_text())["quantization_config"]
+    cfg_cal = json.loads((cal_dir / "config.json").read_text())["quantization_config"]
+    assert cfg_cal == cfg_free
+    assert not (cal_dir / ".calib-partial").exists()
+    report = json.loads((cal_dir / "ptqtp_report.json").read_text())
+    assert report["calibration"]["samples"] == 4 and report["calibration"]["linears"] == 14
+
+    # what loads is what calibration computed in memory (same trits and fp16 scales)
+    model, tok = _load(src)
+    ids = load_calibration_tokens("boolq", tok, num_samples=4, seq_len=64)
+    fake = copy.deepcopy(model)
+    calibrate_model(fake, ids, ptqtp.TritPlaneConfig(max_iters=FAST_ITERS))
+    loaded = ptqtp.from_pretrained(str(cal_dir), dtype=torch.float32)
+    probe = ids[:2, :32]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(probe).logits, fake(probe).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_calibrated_run_refuses_an_existing_output_before_calibrating(tiny_model_dir, tmp_path):
+    from ptqtp.calibration import quantize_checkpoint_calibrated
+    from ptqtp.errors import OutputExistsError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "something").write_text("x")
+    with pytest.raises(OutputExistsError, match="--resume"):
+        quantize_checkpoint_calibrated(str(tiny_model_dir("llama")), str(out), calib="boolq")
