@@ -41,6 +41,7 @@ TASKS_DIR = _SOURCE_ROOT / "eval" / "tasks"
 DATA_DIR = _SOURCE_ROOT / "eval" / "data"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REPORT_FILE = "ptqtp_report.json"
+BASELINE_KEY = "ptqtp_baseline"  # config.json block of the dense fake-quant int RTN baselines
 # lm-eval bootstraps the stderr of non-mean metrics (LAMBADA perplexity); 1000 resamples keep that to
 # seconds instead of minutes and the value itself does not depend on it.
 BOOTSTRAP_ITERS = 1000
@@ -378,19 +379,27 @@ def _linear_bits(model) -> float | None:
 
 
 def model_metadata(path: str, model) -> dict:
-    """Method, group size and bits per weight, from ptqtp_report.json, then config.json, then the model."""
+    """Method, group size and bits per weight, from ptqtp_report.json, then config.json, then the model.
+
+    Integer RTN baselines are stored as dense fake-quant weights (config.json `ptqtp_baseline`); their bits
+    per weight are nominal: b bits plus an fp16 scale and zero per group.
+    """
     p = Path(path)
     report = _read_json(p / REPORT_FILE) if p.is_dir() else {}
     qc = getattr(model.config, "quantization_config", None)
     if qc is not None and not isinstance(qc, dict):
         qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
     qc = qc or {}
-    method = _find_key(report, "method") or qc.get("method") or ("fp" if not qc else qc.get("quant_method"))
-    group = _find_key(report, "group_size") or qc.get("group_size")
-    bpw = _find_key(report, "bits_per_weight") or qc.get("bits_per_weight")
-    source = "report" if _find_key(report, "bits_per_weight") else "config" if qc.get("bits_per_weight") else "model"
-    if bpw is None:
-        bpw = _linear_bits(model)
+    baseline = getattr(model.config, BASELINE_KEY, None) or {}
+    method = (baseline.get("method") or _find_key(report, "method") or qc.get("method")
+              or ("fp" if not qc else qc.get("quant_method")))
+    group = baseline.get("group_size") or _find_key(report, "group_size") or qc.get("group_size")
+    if baseline.get("bits") and group:
+        bpw, source = baseline["bits"] + 2 * 16 / group, "nominal"
+    elif _find_key(report, "bits_per_weight"):
+        bpw, source = _find_key(report, "bits_per_weight"), "report"
+    else:
+        bpw, source = _linear_bits(model), "model"
     return {
         "method": method,
         "quant_method": qc.get("quant_method"),

@@ -149,3 +149,20 @@ def test_missing_model_dir_fails_in_one_line(tmp_path, capsys):
     rc = main(["eval", str(missing), "--ppl", "wikitext2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc != 0 and len(err) == 1 and str(missing) in err[0] and "does not exist" in err[0]
+
+
+@pytest.mark.parametrize("method", ["ptqtp", "rtn-int3"])
+def test_quantized_dir_loads_through_the_same_path(tiny_model_dir, tmp_path, method):
+    """A `ptqtp quantize` output evaluates with no extra flag, and records its method and bits per weight."""
+    q_dir = tmp_path / f"q-{method}"
+    assert main(["quantize", str(tiny_model_dir("llama")), "-o", str(q_dir), "--method", method, "--quiet"]) == 0
+    rec = evaluate.evaluate(str(q_dir), ppl="wikitext2-sample", seq_len=64, max_windows=2, device="cpu",
+                            log=lambda m: None)
+    assert rec["method"] == method and rec["group_size"] == 128
+    if method == "ptqtp":  # packed planes: the exact stored bits, as `ptqtp quantize` reported them
+        report = json.loads((q_dir / "ptqtp_report.json").read_text())
+        assert rec["bits_per_weight"] == pytest.approx(report["totals"]["bits_per_weight"], abs=1e-4)
+        assert 3.4 < rec["bits_per_weight"] < 3.7
+    else:  # dense fake-quant: nominal int3 with fp16 scale and zero per group of 128
+        assert rec["bits_per_weight"] == 3.25 and rec["bits_per_weight_source"] == "nominal"
+    assert math.isfinite(rec["perplexity"]["perplexity"]) and rec["perplexity"]["windows"] == 2
