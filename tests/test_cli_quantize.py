@@ -212,3 +212,33 @@ def test_missing_folder_and_existing_output(tiny_model_dir, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     assert "already exists" in _run_error(capsys, [tiny_model_dir("llama"), "-o", out])
+
+
+@pytest.mark.slow
+def test_real_smollm2_first_layers(smollm2_dir, tmp_path, capsys):
+    """The real SmolLM2-135M (tied embeddings, width 576 = 4.5 groups): two layers quantized, the rest skipped;
+    the directory loads with ptqtp and computes the dense model's logits with W := W_hat for those layers."""
+    import ptqtp
+    import transformers as tf
+
+    from ptqtp.packing import dequantize
+
+    out = tmp_path / "q"
+    skip = r"layers\.([2-9]|[12]\d)\."
+    assert main(["quantize", str(smollm2_dir), "-o", str(out), "--skip", skip, "--max-iters", "10", "--quiet"]) == 0
+    report = json.loads((out / "ptqtp_report.json").read_text())
+    assert report["totals"]["quantized_tensors"] == 14
+    assert report["totals"]["bits_per_weight"] <= 3.5
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert "model.layers.29.mlp.down_proj" in qc["modules_to_not_convert"] and qc["skip"] == [skip]
+    stored = {n: w for p in out.glob("*.safetensors") for n, w in load_file(p).items()}
+    assert "lm_head.weight" not in stored
+    ref = tf.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    for name, p in ref.named_parameters():
+        if ckpt.scale_name(name) in stored:
+            p.data = dequantize(stored[name], stored[ckpt.scale_name(name)], p.shape[1], 128, torch.float32)
+    q = ptqtp.from_pretrained(out, dtype=torch.float32)
+    assert q.lm_head.weight is q.model.embed_tokens.weight
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 28, 357]])
+    with torch.no_grad():
+        torch.testing.assert_close(q(ids).logits, ref(ids).logits, rtol=1e-3, atol=1e-3)
