@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--windows", type=int, default=8, help="WikiText-2 test windows of 2048 tokens")
     ap.add_argument("--skip-free", action="store_true", help="do not measure the calibration-free baseline")
+    ap.add_argument("--skip-fp", action="store_true", help="do not measure full precision (ratios then omitted)")
     ap.add_argument("--output", default=None, help="write the results JSON here")
     args = ap.parse_args(argv)
 
@@ -63,8 +64,9 @@ def main(argv=None) -> int:
         with torch.no_grad():
             return perplexity(m, text_ids, seq_len=2048, max_windows=args.windows).perplexity
 
-    rows["full precision"] = {"ppl": ppl(model)}
-    print(f"full precision: ppl {rows['full precision']['ppl']:.2f}", flush=True)
+    if not args.skip_fp:
+        rows["full precision"] = {"ppl": ppl(model)}
+        print(f"full precision: ppl {rows['full precision']['ppl']:.2f}", flush=True)
 
     tokens = load_calibration_tokens(args.calib, tok, args.samples, args.seq_len)
     cal = copy.deepcopy(model)
@@ -92,9 +94,10 @@ def main(argv=None) -> int:
                                     "bits_per_weight": bits}
         print(f"calibration-free: ppl {rows['calibration-free']['ppl']:.2f}", flush=True)
 
-    fp = rows["full precision"]["ppl"]
+    fp = rows.get("full precision", {}).get("ppl")
     for name, r in rows.items():
-        print(f"{name:18s} ppl {r['ppl']:8.2f}  x{r['ppl'] / fp:.2f} of full precision")
+        ratio = f"  x{r['ppl'] / fp:.2f} of full precision" if fp else ""
+        print(f"{name:18s} ppl {r['ppl']:8.2f}{ratio}")
     result = {"model": str(model_dir), "windows": args.windows, "seq_len": 2048, "torch_threads":
               torch.get_num_threads(), "rows": rows}
     if args.output:

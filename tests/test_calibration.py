@@ -248,11 +248,13 @@ def test_calibrated_checkpoint_has_the_calibration_free_format_and_loads(tiny_mo
 
 
 def test_calibrated_run_refuses_an_existing_output_before_calibrating(tiny_model_dir, tmp_path):
-    from ptqtp.calibration import quantize_checkpoint_calibrated
     from ptqtp.errors import OutputExistsError
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "something").write_text("x")
-    with pytest.raises(OutputExistsError, match="--resume"):
-        quantize_checkpoint_calibrated(str(tiny_model_dir("llama")), str(out), calib="boolq")
+    with pytest.raises(OutputExistsError, match="--resume"):  # `calib=` of the Python API
+        ptqtp.quantize_checkpoint(str(tiny_model_dir("llama")), str(out), calib="boolq")
+    with pytest.raises(BadOptionError, match="rtn-int2"):
+        ptqtp.quantize_checkpoint(str(tiny_model_dir("llama")), str(tmp_path / "new"),
+                                  ptqtp.TritPlaneConfig(method="rtn-int2"), calib="boolq")
