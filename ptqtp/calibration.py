@@ -14,7 +14,8 @@ Choices, and why:
 - Lazy batch updates (GPTQ) in blocks of 32 columns that never straddle a group: a block's accumulated
   error is pushed onto all later columns with one matmul when the block ends, so every earlier column's
   error is already folded into a group when it starts, and its scales are fit on the fully updated weights.
-  32 rather than GPTQ's 128 because the one-column updates inside a block are the slow part on CPU.
+  32 rather than GPTQ's 128: each one-column update inside a block costs O(out x block), and those small
+  updates, not the matmuls, dominate the time on CPU.
 - Linears reading the same input (q/k/v, gate/up) share one Hessian and are solved as one matrix with
   their rows stacked: GPTQ treats rows independently given H, so this changes nothing but the speed.
 - Scales: the calibration-free solver (`solver.decompose`, same method and iteration limits as the config)
@@ -32,7 +33,8 @@ activations (samples x seq_len x hidden) stay on CPU, one sample moved at a time
 granularity: finished layers are kept in OUT/.calib-partial and, on --resume, their stored planes are reloaded
 and the activations are replayed through them (identical to an uninterrupted run).
 
-Imports transformers (model loading and the tokenizer); from ptqtp: solver, packing, checkpoint, pipeline.
+Imports transformers (model loading, tokenizer) only inside `quantize_checkpoint_calibrated`; from ptqtp:
+solver, loader (which tensors), packing, checkpoint, calibration_data, and pipeline (the writer).
 """
 
 from __future__ import annotations

@@ -7,7 +7,8 @@ All three are measured in this one run, on the same WikiText-2 test windows, so 
 
 Calibration text is BoolQ passages (the bundled sample by default), never WikiText. Quantized models are
 evaluated in memory with their dequantized weights, i.e. exactly the values a ptqtp checkpoint stores (fp16
-scales, trits).
+scales, trits). On a busy CPU run it with OMP_NUM_THREADS=1: the column-by-column GPTQ updates are small ops,
+and thread synchronisation under contention slowed them 20x in one measurement here.
 """
 
 from __future__ import annotations
