@@ -99,13 +99,15 @@ def plan_shards(tensors: list[loader.SourceTensor], config: TritPlaneConfig, max
     return shards
 
 
-def _fingerprint(sources: list[loader.SourceTensor], config: TritPlaneConfig, shards: list[Shard]) -> str:
+def _fingerprint(sources: list[loader.SourceTensor], config: TritPlaneConfig, shards: list[Shard],
+                 precomputed: list[str]) -> str:
     """What a resumed run must share with the run it continues: source layout, options, plan, ptqtp version."""
     files = sorted({(t.file.name, t.file.stat().st_size) for t in sources})
     state = {
         "ptqtp_version": __version__,
         "config": {k: v for k, v in config.to_dict().items()},
         "source_files": files,
+        "precomputed_planes": precomputed,
         "plan": [[s.name, [[x.name, str(x.dtype), list(x.shape)] for x in s.specs]] for s in shards],
     }
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
@@ -190,6 +192,11 @@ def _quantize_matrix(w: torch.Tensor, name: str, config: TritPlaneConfig, planes
     tp = planes.get(name) if planes else None  # precomputed by calibrated mode (--calib)
     if tp is None:
         tp = decompose(w, config.group_size, config.method, config.max_iters, config.tol, name=name)
+    elif tuple(tp.planes.shape) != (2, *w.shape) or tp.group_size != config.group_size:
+        raise BadOptionError(f"precomputed planes for {name} are {tuple(tp.planes.shape)} at group size "
+                             f"{tp.group_size}; the weight is {tuple(w.shape)} at {config.group_size}.")
+    else:
+        tp.planes, tp.scales = tp.planes.to(w.device), tp.scales.to(w.device)
     err = _relative_error(w, tp.planes, tp.scales, config.group_size)
     p = PackedTritPlanes.from_trit_planes(tp)
     return p.packed.cpu(), p.scales.cpu(), err, float(tp.iterations)
@@ -223,7 +230,9 @@ def _process(pt: PlannedTensor, device: torch.device, config: TritPlaneConfig, p
         from .baselines import fake_quantize_int
 
         _check_finite(w, src.name)
-        q = fake_quantize_int(w, INT_BASELINES[config.method], config.group_size)
+        bits = INT_BASELINES[config.method]
+        q = (fake_quantize_int(w, bits, config.group_size) if w.dim() == 2 else  # fused experts: per expert
+             torch.stack([fake_quantize_int(w[e], bits, config.group_size) for e in range(w.shape[0])]))
         err = _rel_error(w, q.to(torch.float32))
         row = _row(src, err, 0.0, time.perf_counter() - t0)
         return [(src.name, q.to(device="cpu", dtype=src.dtype).reshape(src.shape))], row
@@ -265,7 +274,8 @@ def _row(src: loader.SourceTensor, err: float, iters: float, seconds: float) -> 
 
 def quantize_checkpoint(model, out, config: TritPlaneConfig | None = None, *, resume: bool = False,
                         overwrite: bool = False, max_shard_size="5GB", show_progress: bool = True,
-                        revision: str | None = None, planes=None) -> dict:
+                        revision: str | None = None, planes=None, calib: str | None = None,
+                        calib_samples: int = 128, calib_seq_len: int = 2048) -> dict:
     """Quantize every decoder Linear of a checkpoint on disk and write a ptqtp directory.
 
     Args:
@@ -279,9 +289,17 @@ def quantize_checkpoint(model, out, config: TritPlaneConfig | None = None, *, re
         revision: hub revision (branch, tag or commit) when `model` is a hub id.
         planes: tensor name -> `TritPlanes` computed beforehand (calibrated mode, `ptqtp.calibration`);
             those weights are packed as given instead of solved.
+        calib, calib_samples, calib_seq_len: calibration text (file, or "boolq") and its size: calibrated
+            mode, see `ptqtp.calibration.quantize_checkpoint_calibrated` (None: calibration-free, streaming).
     Returns:
         The report also written to `out/ptqtp_report.json`.
     """
+    if calib is not None:
+        from .calibration import quantize_checkpoint_calibrated
+
+        return quantize_checkpoint_calibrated(model, out, config, calib, calib_samples, calib_seq_len, resume=resume,
+                                              overwrite=overwrite, max_shard_size=max_shard_size,
+                                              show_progress=show_progress, revision=revision)
     t_start = time.perf_counter()
     config = config or TritPlaneConfig()
     max_bytes = ckpt.parse_size(max_shard_size)
@@ -295,7 +313,7 @@ def quantize_checkpoint(model, out, config: TritPlaneConfig | None = None, *, re
             "left to quantize; this architecture is not supported, or --skip matched everything.")
     out = pathlib.Path(out)
     shards = plan_shards(sources, config, max_bytes)
-    fingerprint = _fingerprint(sources, config, shards)
+    fingerprint = _fingerprint(sources, config, shards, sorted(planes or ()))
     manifest = _prepare_output(out, src, resume, overwrite)
     if resume and manifest is None and (out / ckpt.CONFIG_NAME).is_file() and (out / REPORT_NAME).is_file():
         return _already_complete(out, fingerprint, show_progress)
@@ -348,7 +366,7 @@ def quantize_checkpoint(model, out, config: TritPlaneConfig | None = None, *, re
         weight_map = {s.name: shard.name for shard in shards for s in shard.specs}
         total = sum(s.nbytes for shard in shards for s in shard.specs)
         ckpt.atomic_write_json(out / ckpt.INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    report = _report(src, model, out, sources, shards, rows, config, device, resumed, t_start)
+    report = _report(src, model, out, sources, shards, rows, config, device, resumed, t_start, fingerprint)
     ckpt.atomic_write_json(out / REPORT_NAME, report)
     ckpt.atomic_write_json(out / ckpt.CONFIG_NAME, _output_config(hf_config, sources, config))
     (out / MANIFEST_NAME).unlink(missing_ok=True)
@@ -409,7 +427,7 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def _report(src, model, out, sources, shards, rows, config, device, resumed, t_start) -> dict:
+def _report(src, model, out, sources, shards, rows, config, device, resumed, t_start, fingerprint) -> dict:
     q_sources = [t for t in sources if t.action != loader.DENSE]
     q_weights = sum(math.prod(t.shape) for t in q_sources)
     q_bytes = sum(p.nbytes for s in shards for p in s.tensors if p.source.action != loader.DENSE)
@@ -437,7 +455,7 @@ def _report(src, model, out, sources, shards, rows, config, device, resumed, t_s
     if config.method in INT_BASELINES:
         totals["bits_per_weight"] = None  # stored dense; the baseline's nominal bits are in config.json
     return {"ptqtp_version": __version__, "source": str(model), "source_dir": str(src), "device": str(device),
-            "config": config.to_dict(), "fingerprint": _fingerprint(sources, config, shards),
+            "config": config.to_dict(), "fingerprint": fingerprint,
             "tensors": rows, "totals": totals}
 
 
@@ -495,7 +513,8 @@ def run_quantize_cli(args) -> int:
                                  "calibration-free quantization.") from None
         quantize_checkpoint_calibrated(args.model, args.output, config, args.calib, args.calib_samples,
                                        args.calib_seq_len, resume=args.resume, overwrite=args.overwrite,
-                                       max_shard_size=args.max_shard_size, show_progress=not args.quiet)
+                                       max_shard_size=args.max_shard_size, show_progress=not args.quiet,
+                                       revision=args.revision)
         return 0
     for flag, value in (("--calib-samples", args.calib_samples), ("--calib-seq-len", args.calib_seq_len)):
         if value is not None and value < 1:

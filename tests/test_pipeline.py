@@ -181,3 +181,23 @@ def test_already_quantized_source_is_refused(tiny_model_dir, tmp_path):
     quantize_checkpoint(tiny_model_dir("llama"), out, ptqtp.TritPlaneConfig(method="rtn-ternary"), show_progress=False)
     with pytest.raises(UnsupportedCheckpointError, match="already quantized.*original full-precision"):
         quantize_checkpoint(out, tmp_path / "qq", show_progress=False)
+
+
+def test_int_baseline_is_a_dense_labelled_checkpoint(tiny_model_dir, tmp_path):
+    """rtn-int3 writes fake-quantized dense weights, labelled `ptqtp_baseline`, that load as a plain model."""
+    import transformers as tf
+
+    from ptqtp.baselines import fake_quantize_int
+
+    src = tiny_model_dir("llama")
+    out = tmp_path / "int3"
+    report = quantize_checkpoint(src, out, ptqtp.TritPlaneConfig(method="rtn-int3"), show_progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["ptqtp_baseline"]["method"] == "rtn-int3"
+    dense, stored = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(stored[name], fake_quantize_int(dense[name], 3, 128))
+    assert torch.equal(stored["lm_head.weight"], dense["lm_head.weight"])
+    assert 0 < report["totals"]["mean_relative_error"] < 0.3 and report["totals"]["bits_per_weight"] is None
+    model = tf.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, stored[name])
