@@ -258,3 +258,32 @@ def test_calibrated_run_refuses_an_existing_output_before_calibrating(tiny_model
     with pytest.raises(BadOptionError, match="rtn-int2"):
         ptqtp.quantize_checkpoint(str(tiny_model_dir("llama")), str(tmp_path / "new"),
                                   ptqtp.TritPlaneConfig(method="rtn-int2"), calib="boolq")
+
+
+def test_interrupted_calibrated_run_resumes_to_identical_bytes(tiny_model_dir, tmp_path, monkeypatch):
+    import ptqtp.calibration as calibration
+
+    src = str(tiny_model_dir("llama"))
+    config = ptqtp.TritPlaneConfig(max_iters=FAST_ITERS)
+    kw = dict(calib="boolq", calib_samples=2, calib_seq_len=32, show_progress=False)
+    ptqtp.quantize_checkpoint(src, tmp_path / "whole", config, **kw)
+
+    real, calls = calibration.gptq_trit_planes, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while solving the second layer (4 distinct inputs per layer)
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "gptq_trit_planes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ptqtp.quantize_checkpoint(src, tmp_path / "cut", config, **kw)
+    assert sorted(p.name for p in (tmp_path / "cut" / ".calib-partial").glob("layer-*")) == ["layer-00000.safetensors"]
+    monkeypatch.setattr(calibration, "gptq_trit_planes", real)
+    with pytest.raises(ptqtp.errors.OutputExistsError):
+        ptqtp.quantize_checkpoint(src, tmp_path / "cut", config, **kw)
+    ptqtp.quantize_checkpoint(src, tmp_path / "cut", config, resume=True, **kw)
+    for f in sorted((tmp_path / "whole").glob("*.safetensors")):
+        assert f.read_bytes() == (tmp_path / "cut" / f.name).read_bytes(), f.name
+    assert not (tmp_path / "cut" / ".calib-partial").exists()
