@@ -1,6 +1,6 @@
 """`TritPlaneLinear`: the drop-in replacement for `nn.Linear` that holds a weight as two packed trit-planes.
 
-Imports only `ops`, `packing` and `format` (never transformers). The module owns buffers in the storage
+Imports `ops`, `backends` (to name the kernel), `packing`, `format` and `errors`; never transformers. The module owns buffers in the storage
 format of `format.py` and nothing else; the maths lives in the one op `torch.ops.ptqtp.trit_linear`, so a
 kernel backend can change without touching this class.
 
@@ -17,8 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import backends
 from . import format as fmt
 from . import ops
+from .errors import NoBackendError
 from .packing import PackedTritPlanes
 
 # All digits 1 (trit 0): an unloaded shell computes y = bias instead of garbage.
@@ -90,9 +92,18 @@ class TritPlaneLinear(nn.Module):
     def bits_per_weight(self) -> float:
         return fmt.bits_per_weight(self.out_features, self.in_features, self.group_size)
 
-    def backend_name(self) -> str:
-        """Kernel family that runs this layer (the pure-torch reference until a faster backend applies)."""
-        return "reference"
+    def backend_name(self, dtype: torch.dtype | None = None, tokens: int = 1) -> str:
+        """Kernel family that `ops.trit_linear` picks for this layer on its device; by default for decoding
+        (one token) in the bias dtype (float32 without a bias). "none" when no backend can run it."""
+        if self.weight.is_meta:
+            return "unloaded"
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        spec = backends.KernelSpec(self.weight.device.type, dtype, tokens, self.out_features, self.in_features,
+                                   self.group_size)
+        try:
+            return backends.select_backend(spec).name
+        except NoBackendError:
+            return "none"
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

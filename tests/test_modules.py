@@ -83,11 +83,14 @@ def test_shell_loads_a_state_dict_and_then_computes_the_same():
     assert torch.equal(shell(x), src(x))
 
 
-def test_extra_repr_names_shape_bits_group_and_backend():
-    text = repr(TritPlaneLinear.from_packed(_random_packed(out=64, inp=640, group=128)))
-    for part in ("in_features=640", "out_features=64", "bias=False", "bits_per_weight=3.45", "group_size=128",
-                 "backend="):
+def test_extra_repr_names_shape_bits_group_and_backend(monkeypatch):
+    layer = TritPlaneLinear.from_packed(_random_packed(out=64, inp=640, group=128))
+    text = repr(layer)
+    for part in ("in_features=640", "out_features=64", "bias=False", "bits_per_weight=3.45", "group_size=128"):
         assert part in text, text
+    assert f"backend={layer.backend_name()}" in text and layer.backend_name() in ptqtp.backends.backend_names()
+    monkeypatch.setenv("PTQTP_BACKEND", "reference")
+    assert "backend=reference" in repr(layer)
 
 
 def test_from_packed_rejects_a_bias_of_the_wrong_size():
