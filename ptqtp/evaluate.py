@@ -413,16 +413,11 @@ def model_metadata(path: str, model) -> dict:
 def environment() -> dict:
     """Versions that move numbers: record them next to every result."""
     import transformers
+    from importlib.metadata import PackageNotFoundError, version
 
     try:
-        import lm_eval
-
-        lm_eval_version = getattr(lm_eval, "__version__", None)
-        if lm_eval_version is None:
-            from importlib.metadata import version
-
-            lm_eval_version = version("lm_eval")
-    except Exception:  # noqa: BLE001 - lm-eval is optional for perplexity-only runs
+        lm_eval_version = version("lm_eval")
+    except PackageNotFoundError:  # optional: perplexity-only runs do not need it
         lm_eval_version = None
     return {
         "ptqtp": __version__,
@@ -443,12 +438,10 @@ def _sha256(path: Path) -> str:
 def write_json_atomic(obj: dict, path: str) -> None:
     """Write to a temp file beside `path`, then rename: a crash never leaves half a results file."""
     out = Path(path)
-    if out.parent and not out.parent.exists():
-        raise BadOptionError(f"--output folder {out.parent} does not exist; create it or pick another path.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent or ".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
+            json.dump(obj, f, indent=2)
             f.write("\n")
         os.replace(tmp, out)
     finally:
