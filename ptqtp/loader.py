@@ -7,6 +7,7 @@ read one at a time (`safetensors.safe_open`, opened per tensor so no mapping of 
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import re
@@ -178,6 +179,21 @@ def list_tensors(model_dir: pathlib.Path, config: TritPlaneConfig) -> list[Sourc
             found[name] = SourceTensor(name, path, spec.dtype, spec.shape, action, module, reason,
                                        (header.data_start + begin, header.data_start + end))
     return [found[n] for n in sorted(found, key=_natural_key)]
+
+
+def read_rows(t: SourceTensor, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of a tensor, read with plain file I/O (rows are contiguous in safetensors' row-major data)."""
+    row_bytes = math.prod(t.shape[1:]) * t.dtype.itemsize
+    buf = bytearray((r1 - r0) * row_bytes)
+    try:
+        with open(t.file, "rb") as f:
+            f.seek(t.data_range[0] + r0 * row_bytes)
+            got = f.readinto(buf)
+    except OSError as e:
+        raise CorruptCheckpointError(f"cannot read {t.name} from {t.file} ({e.strerror}); check the file.") from None
+    if got != len(buf):
+        raise CorruptCheckpointError(f"{t.file} ends inside {t.name}; the file is truncated: download it again.")
+    return torch.frombuffer(buf, dtype=torch.uint8).view(t.dtype).reshape(r1 - r0, *t.shape[1:])
 
 
 def read_tensor(t: SourceTensor) -> torch.Tensor:

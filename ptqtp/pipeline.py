@@ -42,6 +42,8 @@ INT_BASELINES = {"rtn-int2": 2, "rtn-int3": 3}  # dense fake-quantized checkpoin
 # Non-weight files copied from the source: configs, tokenizer, chat template, remote code.
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
 _NOT_COPIED = {ckpt.CONFIG_NAME, ckpt.INDEX_NAME, MANIFEST_NAME, REPORT_NAME}
+# Weights solved per step when a Linear is split by rows: bounds peak memory (the result does not depend on it).
+_ROW_CHUNK_ELEMS = {"cpu": 1 << 23, "cuda": 1 << 27}
 # Debugging aid: sleep this many seconds after each tensor (lets tests interrupt a run midway).
 _DELAY_ENV = "PTQTP_DEBUG_TENSOR_DELAY"
 
@@ -219,10 +221,33 @@ def _relative_error(w: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor,
     return math.sqrt(err / ref)
 
 
+def _quantize_by_rows(src: loader.SourceTensor, device: torch.device, config: TritPlaneConfig):
+    """`_quantize_matrix` over row chunks read straight from the file: rows are solved independently, so the
+    result is the same as one call on the whole weight, while peak memory no longer grows with the weight."""
+    out_f, n = src.shape
+    rows = max(1, _ROW_CHUNK_ELEMS.get(device.type, 1 << 24) // n)
+    packed = torch.empty(fmt.packed_shape(out_f, n), dtype=torch.uint8)  # (2, out, nb)
+    scales = torch.empty(fmt.scale_shape(out_f, n, config.group_size), dtype=torch.float16)  # (2, out, G)
+    err2 = ref2 = iters = 0.0
+    for r0 in range(0, out_f, rows):
+        r1 = min(out_f, r0 + rows)
+        w = loader.read_rows(src, r0, r1).to(device=device, dtype=torch.float32)  # (rows, in)
+        p, sc, e, it = _quantize_matrix(w, src.name, config)
+        packed[:, r0:r1], scales[:, r0:r1] = p, sc
+        norm2 = float(torch.linalg.vector_norm(w, dtype=torch.float64)) ** 2
+        err2, ref2, iters = err2 + e * e * norm2, ref2 + norm2, iters + it * (r1 - r0)
+        del w
+    return packed, scales, math.sqrt(err2 / ref2) if ref2 else 0.0, iters / out_f
+
+
 def _process(pt: PlannedTensor, device: torch.device, config: TritPlaneConfig, planes=None):
     """Read and quantize one source tensor: ([(name, tensor)] in plan order, report row)."""
     src = pt.source
     t0 = time.perf_counter()
+    if src.action == loader.QUANTIZE and config.method not in INT_BASELINES and src.name not in (planes or {}):
+        packed, scales, err, iters = _quantize_by_rows(src, device, config)
+        row = _row(src, err, iters, time.perf_counter() - t0)
+        return [(pt.outputs[0].name, packed), (pt.outputs[1].name, scales)], row
     t = loader.read_tensor(src)
     w = t.to(device=device, dtype=torch.float32)  # (out, in) or (E, out, in)
     del t

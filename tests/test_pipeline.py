@@ -201,3 +201,21 @@ def test_int_baseline_is_a_dense_labelled_checkpoint(tiny_model_dir, tmp_path):
     assert 0 < report["totals"]["mean_relative_error"] < 0.3 and report["totals"]["bits_per_weight"] is None
     model = tf.AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, stored[name])
+
+
+def test_row_chunked_solve_gives_the_whole_weight_result(tiny_model_dir, tmp_path, monkeypatch):
+    """Large Linears are solved a few rows at a time to bound memory; the stored planes must not change."""
+    import ptqtp.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "_ROW_CHUNK_ELEMS", {"cpu": 7 * 160 + 3, "cuda": 7 * 160 + 3})
+    src = tiny_model_dir("llama")
+    out = tmp_path / "q"
+    report = quantize_checkpoint(src, out, FAST, show_progress=False)
+    name = "model.layers.1.self_attn.q_proj.weight"  # (160, 160): 23 chunks of 7 rows
+    w = load_file(src / "model.safetensors")[name]
+    stored = load_file(out / "model.safetensors")
+    tp = decompose(w, 128, "ptqtp", 3, FAST.tol)
+    assert torch.equal(dequantize(stored[name], stored[ckpt.scale_name(name)], 160, 128, torch.float32),
+                       tp.dequantize(torch.float32))
+    row = next(r for r in report["tensors"] if r["name"] == name)
+    assert row["relative_error"] == pytest.approx(tp.relative_error(w), rel=1e-9)
