@@ -1,10 +1,10 @@
 """transformers integration: `PtqtpConfig` + `PtqtpHfQuantizer` for `quant_method: "ptqtp"`, and `from_pretrained`.
 
-Imports `config`, `errors`, `format`, `checkpoint` (headers) and (lazily, when a model loads) `replace`. `import ptqtp` calls
-`register()`, after which a plain `AutoModelForCausalLM.from_pretrained(OUT)` builds the model on `meta`,
-swaps every Linear the checkpoint stores packed for an empty `TritPlaneLinear` shell, and lets transformers
-load the packed buffers by name (`X.weight` uint8, `X.weight_scale` fp16, `X.bias`) like any other tensor.
-Nothing is converted at load time, so `save_pretrained` writes the same bytes back.
+Imports `config`, `errors`, `format`, `checkpoint` (headers) and, lazily when a model loads, `replace`.
+`import ptqtp` calls `register()`, after which a plain `AutoModelForCausalLM.from_pretrained(OUT)` builds
+the model on `meta`, swaps every Linear the checkpoint stores packed for an empty `TritPlaneLinear` shell,
+and lets transformers load the packed buffers by name (`X.weight` uint8, `X.weight_scale` fp16, `X.bias`)
+like any other tensor. Nothing is converted at load time, so `save_pretrained` writes the same bytes back.
 
 Without `import ptqtp`, transformers skips an unknown quant_method and would random-initialise the Linears;
 the packed weight is 3-D so that load fails on a size mismatch instead (see `format.py`).
@@ -33,6 +33,7 @@ from .errors import BadOptionError, DependencyVersionError, ModelNotFoundError, 
 # transformers versions whose quantizer/loader API this module follows: [MIN, next major)
 MIN_TRANSFORMERS = (5, 0)
 MAX_TRANSFORMERS_MAJOR = 5
+_PIN = f"transformers>={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]},<{MAX_TRANSFORMERS_MAJOR + 1}"
 
 
 def check_transformers_version(version: str | None = None) -> None:
@@ -42,13 +43,11 @@ def check_transformers_version(version: str | None = None) -> None:
         major, minor = (int(p) for p in version.split(".")[:2])
     except ValueError:
         raise DependencyVersionError(f"cannot parse the transformers version {version!r}; install a release: "
-                                     f"pip install 'transformers>={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]},"
-                                     f"<{MAX_TRANSFORMERS_MAJOR + 1}'.") from None
+                                     f"pip install '{_PIN}'.") from None
     if (major, minor) < MIN_TRANSFORMERS or major > MAX_TRANSFORMERS_MAJOR:
         raise DependencyVersionError(
-            f"transformers {version} is not supported: ptqtp loads through the v5 quantizer API "
-            f"(>={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]},<{MAX_TRANSFORMERS_MAJOR + 1}); "
-            f"run pip install 'transformers>={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]},<{MAX_TRANSFORMERS_MAJOR + 1}'."
+            f"transformers {version} is not supported: ptqtp loads through the v5 quantizer API; "
+            f"run pip install '{_PIN}'."
         )
 
 
@@ -64,7 +63,7 @@ class PtqtpConfig(QuantizationConfigMixin):
 
     def __init__(self, **fields):
         self._fields = copy.deepcopy(fields)
-        self.tritplane = TritPlaneConfig.from_dict({**fields, "quant_method": fields.get("quant_method", fmt.QUANT_METHOD)})
+        self.tritplane = TritPlaneConfig.from_dict({"quant_method": fmt.QUANT_METHOD, **fields})
         self.quant_method = fmt.QUANT_METHOD
         self.group_size = self.tritplane.group_size
         self.modules_to_not_convert = list(self.tritplane.modules_to_not_convert)

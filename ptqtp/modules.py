@@ -1,8 +1,8 @@
 """`TritPlaneLinear`: the drop-in replacement for `nn.Linear` that holds a weight as two packed trit-planes.
 
-Imports `ops`, `backends` (to name the kernel), `packing`, `format` and `errors`; never transformers. The module owns buffers in the storage
-format of `format.py` and nothing else; the maths lives in the one op `torch.ops.ptqtp.trit_linear`, so a
-kernel backend can change without touching this class.
+Imports `ops`, `backends` (to name the kernel), `packing`, `format` and `errors`; never transformers. The
+module owns buffers in the storage format of `format.py` and nothing else; the maths lives in the one op
+`torch.ops.ptqtp.trit_linear`, so a kernel backend can change without touching this class.
 
 Dtypes under `model.to(...)`, `.half()`, `.bfloat16()`:
 - `weight` (packed uint8) is an integer tensor, which torch never casts: it only moves between devices.

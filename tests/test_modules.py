@@ -56,7 +56,8 @@ def test_buffers_follow_the_checkpoint_format():
 
 
 @pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float(),
-                                  lambda m: m.to("cpu", torch.float16)], ids=["to-bf16", "half", "float", "to-cpu-fp16"])
+                                  lambda m: m.to("cpu", torch.float16)],
+                         ids=["to-bf16", "half", "float", "to-cpu-fp16"])
 def test_dtype_casts_keep_weights_bit_exact_and_cast_bias(cast):
     p = _random_packed()
     layer = TritPlaneLinear.from_packed(p, torch.randn(OUT))
