@@ -32,7 +32,7 @@ ROWS_PER_BLOCK = 8  # fp32 lanes of an AVX2 register
 CHUNK = 3  # columns per table lookup: 2^3 = 8 subset sums = one AVX2 register
 CHUNKS_PER_WORD = 10  # 3-bit codes per int32 word
 
-_CACHE: dict[tuple, tuple[weakref.ref, int, object]] = {}
+_CACHE: dict[tuple, tuple[weakref.ref, weakref.ref, tuple[int, int], object]] = {}  # key -> (packed, scales, versions, layout)
 
 
 @dataclass(frozen=True)
