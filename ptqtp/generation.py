@@ -21,11 +21,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class Continuation:
-    """A greedy continuation: the decoded text (prompt included), new token count and wall seconds."""
+    """A greedy continuation: the decoded text (prompt included), new token count, wall seconds of the
+    generation, and of the one-token warm-up before it (kernel choice, one-time weight layout conversion)."""
 
     text: str
     new_tokens: int
     seconds: float
+    warmup_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -65,7 +67,11 @@ def load(path: str, device: str = "auto", dtype: str = "auto"):
 
 @torch.inference_mode()
 def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> Continuation:
-    """Greedy (argmax) continuation of `prompt`, at most `max_new_tokens` tokens, stopping early at EOS."""
+    """Greedy (argmax) continuation of `prompt`, at most `max_new_tokens` tokens, stopping early at EOS.
+
+    A one-token forward runs first and is timed apart, so tokens/s measures generation, not the one-time
+    conversion a kernel backend makes on a layer's first call.
+    """
     if max_new_tokens < 1:
         raise BadOptionError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
     ids = tokenizer(prompt, return_tensors="pt").input_ids  # (1, T)
@@ -78,12 +84,18 @@ def greedy(model, tokenizer, prompt: str, max_new_tokens: int = 64) -> Continuat
     if pad is None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     start = time.perf_counter()
+    model(ids[:, :1])
+    if ids.is_cuda:
+        torch.cuda.synchronize()
+    warmup = time.perf_counter() - start
+    start = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=pad)  # (1, T + new)
     if out.is_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return Continuation(tokenizer.decode(out[0], skip_special_tokens=True), out.shape[1] - ids.shape[1], seconds)
+    return Continuation(tokenizer.decode(out[0], skip_special_tokens=True), out.shape[1] - ids.shape[1], seconds,
+                        warmup)
 
 
 def run_generate_cli(args) -> int:
@@ -95,5 +107,6 @@ def run_generate_cli(args) -> int:
     print(result.text)
     dtype = next(model.parameters()).dtype
     print(f"{result.new_tokens} new tokens in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "
-          f"(greedy, {model.device}, {str(dtype).replace('torch.', '')})", file=sys.stderr)
+          f"(greedy, {model.device}, {str(dtype).replace('torch.', '')}; warm-up {result.warmup_seconds:.2f} s "
+          "not counted)", file=sys.stderr)
     return 0

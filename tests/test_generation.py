@@ -48,6 +48,7 @@ def test_generate_prints_the_greedy_continuation_and_speed(which, quantized_dir,
     m = re.search(r"(\d+) new tokens in ([\d.]+) s: ([\d.]+) tokens/s", err)
     assert m, err
     assert int(m.group(1)) == n_new and n_new >= 1 and float(m.group(3)) > 0
+    assert re.search(r"warm-up [\d.]+ s not counted", err), err
 
 
 def test_generate_in_bfloat16_runs(quantized_dir, capsys):
