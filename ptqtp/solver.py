@@ -3,9 +3,9 @@
 Imports only `errors`: pure torch, no I/O, runs on the weight's device. `decompose` is the one entry point;
 the step functions below it (`trit_step`, `ridge_scale_step`, `ls_scale_step`) are exposed for tests.
 
-Every group is solved on its own, in float32, after dividing it by its largest |w| (the problem is
-scale-invariant, so this changes no result but keeps every sum far from overflow and underflow). Groups are
-batched: all groups of a chunk of rows form one (N, group) matrix; a last partial group of a row is solved
+Every group is solved on its own (float32 elementwise work, float64 for per-group sums and 2x2 solves),
+after dividing it by its largest |w| (the problem is scale-invariant, so this changes no result but keeps
+every sum far from overflow and underflow). Groups are batched: all groups of a chunk of rows form one (N, group) matrix; a last partial group of a row is solved
 as a second batch over its real columns only, so there is no padding error.
 
 Both solvers end the same way: the scales are put in canonical form (|a1| >= |a2| >= 0, signs moved into the
@@ -399,12 +399,16 @@ def decompose(weight: torch.Tensor, group_size: int = 128, method: str = "ptqtp"
     """Decompose a Linear weight into two trit-planes with fp16 scales per (row, group of input columns).
 
     Methods:
-        "ptqtp" (default): range-keeping multi-start, then exact least squares <-> nearest-level trits.
-            Each group tries starts whose top level a1 + a2 equals the group's max |w| with ratios a2/a1
-            from START_RATIOS; the trits of each start are refit by exact 2x2 least squares and the start with
-            the lowest error is kept; alternation then runs to convergence with per-group early exit. The
-            paper's start (both planes sign(W)) drifts to scales that clip the largest weights, which costs
-            perplexity; starting at the group's range keeps them and lands in a lower minimum, in fewer rounds.
+        "ptqtp" (default): range-keeping multi-start alternation on sorted magnitudes. Each group starts from
+            len(START_RATIOS) scale pairs whose top level a1 + a2 equals the group's max |w| (ratios a2/a1 from
+            START_RATIOS), runs START_ROUNDS rounds of exact 2x2 least squares <-> nearest-level trits from
+            each, keeps the pair with the lowest error and runs it to convergence (per-group early exit).
+            A round costs O(log group) per group, not O(group): the group's |w| is sorted once, and the
+            nearest-level trits of 5 runs of it are found by binary search (see `_ptqtp`). Why better: the
+            paper's start (both planes sign(W)) drifts to scales that clip the largest weights; starting at
+            the group's range and trying several ratios lands in lower minima. Measured on SmolLM2-135M (all
+            210 decoder Linears, group 128, WikiText-2 first 8 windows of 2048 tokens): perplexity 54.6 at
+            relative weight error 0.170; see eval/SOLVER.md for error and time against "paper".
         "paper": Algorithm 1 as published (sign start with zeros to +1, scales [1, 1], adaptive-ridge 2x2
             solve <-> best of 9 trit pairs, stop when no scale moves more than tol). The reference.
         "rtn-ternary": baseline, one plane with absmean scale, second plane zero (no iterations).
