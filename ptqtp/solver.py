@@ -5,8 +5,9 @@ the step functions below it (`trit_step`, `ridge_scale_step`, `ls_scale_step`) a
 
 Every group is solved on its own (float32 elementwise work, float64 for per-group sums and 2x2 solves),
 after dividing it by its largest |w| (the problem is scale-invariant, so this changes no result but keeps
-every sum far from overflow and underflow). Groups are batched: all groups of a chunk of rows form one (N, group) matrix; a last partial group of a row is solved
-as a second batch over its real columns only, so there is no padding error.
+every sum far from overflow and underflow). Groups are batched: all groups of a chunk of rows form one
+(N, group) matrix; a last partial group of a row is solved as a second batch over its real columns only,
+so there is no padding error.
 
 Both solvers end the same way: the scales are put in canonical form (|a1| >= |a2| >= 0, signs moved into the
 planes; the set of 9 levels is unchanged), clamped to the fp16 range and rounded to fp16, and the trits are
