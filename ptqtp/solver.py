@@ -27,7 +27,9 @@ METHODS = ("ptqtp", "paper", "rtn-ternary")
 FP16_MAX = 65504.0
 
 # Range-keeping starts of the default solver, in units of the group's max |w|: the top level a1 + a2 sits at
-# TOP times max|w| and the ratio a2 / a1 is one of RATIOS. The best start per group is kept.
+# TOP times max|w| and the ratio a2 / a1 is one of RATIOS. The best start per group is kept. Starts below the
+# max (tops 1.0, 0.9, 0.8, 0.7) lower the weight error of SmolLM2-135M from 0.170 to 0.163 but raise its
+# perplexity from 54.6 to 56.8 (they clip the largest weights), so only the full range is tried.
 START_TOPS = (1.0,)
 START_RATIOS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
 START_ROUNDS = 6  # rounds every start runs before the best one per group is kept
