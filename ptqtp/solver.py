@@ -236,7 +236,7 @@ def _ptqtp(w, max_iters, tol, trace):
 
 
 def _alternate(xs, psum, x2, hi, lo, max_iters, tol, trace):
-    """Run `_magnitude_round` on K scale pairs per group (N, K) until no pair of a group moves more than
+    """Run `magnitude_round` on K scale pairs per group (N, K) until no pair of a group moves more than
     `tol` (N, 1), or max_iters rounds. Converged groups leave the working set. Returns hi, lo, err (N, K) and
     rounds (N,) int32."""
     n_groups = xs.shape[0]
@@ -248,7 +248,7 @@ def _alternate(xs, psum, x2, hi, lo, max_iters, tol, trace):
     xa, pa, x2a, ha, la, ea, ta = xs, psum, x2, hi, lo, err, tol
     live = torch.ones(n_groups, dtype=torch.bool, device=xs.device)
     for _ in range(max_iters):
-        h, l, e = _magnitude_round(xa, pa, x2a, ha, la)
+        h, l, e = magnitude_round(xa, pa, x2a, ha, la)
         moving = ((h - ha).abs() > ta) | ((l - la).abs() > ta)  # (A, K)
         lv = live.unsqueeze(1)
         ha, la, ea = torch.where(lv, h, ha), torch.where(lv, l, la), torch.where(lv, e, ea)
@@ -270,7 +270,7 @@ def _alternate(xs, psum, x2, hi, lo, max_iters, tol, trace):
     return hi, lo, err, rounds
 
 
-def _magnitude_round(xs, psum, x2, hi, lo):
+def magnitude_round(xs, psum, x2, hi, lo):
     """One LS <- nearest-level round on sorted magnitudes xs (N, n) for K scale pairs hi >= lo >= 0 (N, K).
 
     Returns the refit pair in canonical form (N, K) each and the squared error (N, K) of the refit scales with

@@ -15,6 +15,7 @@ from ptqtp.solver import (
     TritPlanes,
     decompose,
     ls_scale_step,
+    magnitude_round,
     objective,
     ridge_scale_step,
     trit_step,
@@ -55,6 +56,25 @@ def test_ls_scale_step_equals_numpy_lstsq():
         S = np.stack([t[0, i].numpy(), t[1, i].numpy()], axis=1).astype(np.float64)  # (n, 2)
         ref = np.linalg.lstsq(S, w[i].numpy().astype(np.float64), rcond=None)[0]
         np.testing.assert_allclose(a[i].numpy(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_sorted_magnitude_round_equals_the_dense_round():
+    # The default solver's O(log n) round must be exactly "nearest trits, then LS scales" on the dense group.
+    g = torch.Generator().manual_seed(15)
+    w = torch.randn(40, 128, generator=g)
+    w = w / w.abs().amax(dim=1, keepdim=True)
+    hi = torch.rand(40, 3, generator=g, dtype=torch.float64) + 0.3  # (N, K): 3 scale pairs per group
+    lo = hi * torch.rand(40, 3, generator=g, dtype=torch.float64)
+    xs = w.abs().sort(dim=-1).values.double()
+    psum = torch.nn.functional.pad(xs.cumsum(-1), (1, 0))
+    h, l, e = magnitude_round(xs, psum, xs.square().sum(-1, keepdim=True), hi, lo)
+    for k in range(3):
+        a0 = torch.stack((hi[:, k], lo[:, k]), dim=-1).float()
+        t = trit_step(w, a0)
+        a = ls_scale_step(w, t, a0)
+        torch.testing.assert_close(e[:, k].float(), objective(w, a, t), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(h[:, k].float(), a.abs().amax(-1), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(l[:, k].float(), a.abs().amin(-1), rtol=1e-4, atol=1e-6)
 
 
 def test_ridge_scale_step_equals_lstsq_when_well_conditioned():
