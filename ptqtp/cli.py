@@ -110,10 +110,14 @@ def _run_generate(args) -> int:
 
 def _add_info(sub):
     p = sub.add_parser("info", help="format, bits per weight, error summary and backend of a ptqtp directory",
-                       description="Describe a quantized directory: format version, group size, bits per "
-                       "weight, per-layer error summary (from ptqtp_report.json) and which kernel backend runs.",
+                       description="Describe a quantized directory from its files (no model is loaded): format "
+                       "version, group size, method, bits per weight, quantized and dense tensor counts, size against "
+                       "the dense original and per-layer error summary (from ptqtp_report.json), and which kernel "
+                       "backend runs it here for decode (M=1) and prefill. Without DIR: every kernel backend and why "
+                       "it is or is not available on this machine.",
                        epilog=EPILOG)
-    p.add_argument("model", nargs="?", default=None, help="ptqtp directory (omit to list backends only)")
+    p.add_argument("model", nargs="?", default=None, metavar="DIR",
+                   help="ptqtp directory, as written by `ptqtp quantize` (omit to list backends only)")
     p.set_defaults(func=_run_info)
 
 
