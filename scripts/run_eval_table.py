@@ -150,8 +150,9 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
         f"{ppl.get('seq_len')} tokens ({ppl.get('tokens_scored')} tokens scored of {ppl.get('tokens_in_text')})",
         "- Tasks: lm-eval " + v["lm_eval"] + ", zero-shot, offline copies (`eval/tasks`), acc; items: "
         + ", ".join(f"{TASK_TITLES.get(t, t)} {samples[t]}" for t in tasks),
-        f"- Seed {args.seed}, batch size {args.batch_size}; load average at start {args.load_at_start} "
-        "(times are wall clock on this machine; compare them within one table only)",
+        f"- Seed {args.seed}, batch size {args.batch_size}; times are wall clock on this machine, "
+        f"shared with other work (load average {args.load_at_start} when this invocation started); compare them "
+        "within one table only",
         f"- Command: `{command}`",
         "",
     ]
@@ -165,12 +166,15 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "bits/weight: stored bits per weight of the quantized Linears (trit-planes + fp16 scales), from each "
+        "- bits/weight: stored bits per weight of the quantized Linears (trit-planes + fp16 scales), from each "
         "directory's `ptqtp_report.json`; full precision is the stored dtype.",
-        ("\\* nominal bits of a real int-b format with an fp16 scale and zero per group; the baseline is stored "
-         "as dense fake-quant weights." if any(r["bpw_note"] for r in rows) else ""),
-        "quantize s: wall time of the `ptqtp quantize` process (start-up, load, solve, write). "
+        ("- \\* nominal bits of a real int-b format with an fp16 scale and zero per group; the baseline is "
+         "stored as dense fake-quant weights." if any(r["bpw_note"] for r in rows) else ""),
+        "- quantize s: wall time of the `ptqtp quantize` process (start-up, load, solve, write). "
         "eval s: perplexity plus tasks, model load excluded. Baselines are labelled: they exist for comparison.",
+        "- Each row was measured at: " + ", ".join(f"{LABELS.get(m, m)} {rec.get('date')}"
+                                                  for m, rec in results.items())
+        + (" (`--reuse` kept rows measured by an earlier invocation with the same settings)." if args.reuse else "."),
         "",
         f"![perplexity vs bits per weight]({plot})",
         "",
@@ -204,6 +208,7 @@ def _plot(path: pathlib.Path, rows: list[dict], title: str) -> None:
     xs = [r["bpw"] for r in rows if r["method"] != "fp" and r["bpw"] is not None and r["ppl"] is not None]
     ax.set_xlim(min(xs + [2.0]) - 0.5, max(xs + [4.0]) + 0.5)
     ax.set_yscale("log")
+    ax.margins(y=0.15)
     ax.set_xlabel("bits per weight (quantized Linears)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title(title, fontsize=9)
