@@ -75,7 +75,8 @@ class TritPlaneLinear(nn.Module):
         return PackedTritPlanes(self.weight, self.weight_scale, self.in_features, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        return ops.trit_linear(x, self.weight, self.weight_scale, self.bias, self.group_size, self.in_features)
+        op = ops.trit_linear if torch.compiler.is_compiling() else ops.trit_linear_eager
+        return op(x, self.weight, self.weight_scale, self.bias, self.group_size, self.in_features)
 
     def _apply(self, fn, recurse=True):
         # Keep the fp16 scales bit-exact under dtype casts (see the module docstring) while still letting them

@@ -17,7 +17,7 @@ from .backends import ENV_FORCE, KernelSpec, select_backend
 from .backends.reference import trit_linear_reference
 from .errors import BadOptionError, CorruptCheckpointError
 
-__all__ = ["trit_linear", "trit_linear_reference"]
+__all__ = ["trit_linear", "trit_linear_eager", "trit_linear_reference"]
 
 
 def _check(x, packed, scales, bias, group_size: int, in_features: int) -> None:
@@ -43,9 +43,8 @@ def _check(x, packed, scales, bias, group_size: int, in_features: int) -> None:
         raise CorruptCheckpointError(f"bias has shape {tuple(bias.shape)}, expected ({n},); reload the checkpoint.")
 
 
-@torch.library.custom_op("ptqtp::trit_linear", mutates_args=())
-def trit_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
-                group_size: int, in_features: int) -> torch.Tensor:
+def trit_linear_eager(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+                      group_size: int, in_features: int) -> torch.Tensor:
     """y = x @ W.T + bias for the trit-plane weight W = a1*T1 + a2*T2.
 
     Args:
@@ -65,6 +64,12 @@ def trit_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bia
                       forced=bool(os.environ.get(ENV_FORCE)))
     y = select_backend(spec).linear(x2, packed, scales, bias, group_size, in_features)  # (M, N)
     return y.contiguous().reshape(*x.shape[:-1], n)  # fresh, dense: what the fake promises
+
+
+# The registered op is the eager body behind torch.library, so torch.compile and CUDA graphs see one opaque
+# node. Eager callers (`TritPlaneLinear.forward` outside compilation) call the body directly: the custom-op
+# wrapper costs tens of microseconds per call, which at decode adds up over hundreds of Linears per token.
+trit_linear = torch.library.custom_op("ptqtp::trit_linear", mutates_args=())(trit_linear_eager)
 
 
 @trit_linear.register_fake
