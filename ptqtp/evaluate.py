@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import format as fmt
+from . import hf
 from ._version import __version__
 from .errors import BadOptionError, ModelNotFoundError
 
@@ -39,7 +40,6 @@ NAMED_TEXTS = {
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 TASKS_DIR = _SOURCE_ROOT / "eval" / "tasks"
 DATA_DIR = _SOURCE_ROOT / "eval" / "data"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REPORT_FILE = "ptqtp_report.json"
 BASELINE_KEY = "ptqtp_baseline"  # config.json block of the dense fake-quant int RTN baselines
 # lm-eval bootstraps the stderr of non-mean metrics (LAMBADA perplexity); 1000 resamples keep that to
@@ -76,13 +76,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _resolve_dtype(dtype: str):
-    if dtype in (None, "auto"):
-        return "auto"
-    if dtype not in DTYPES:
-        raise BadOptionError(f"--dtype {dtype!r} is not supported; use auto, {', '.join(DTYPES)}.")
-    return DTYPES[dtype]
-
 
 def _check_model_path(path: str) -> None:
     """Fail early with one line for a local path that is not a model; hub ids pass through."""
@@ -110,7 +103,7 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto"):
 
     path = str(path)
     _check_model_path(path)
-    torch_dtype = _resolve_dtype(dtype)
+    torch_dtype = hf.resolve_dtype(dtype)
     device = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)

@@ -16,7 +16,6 @@ import torch
 from . import hf
 from .errors import BadOptionError, UnsupportedCheckpointError
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -44,19 +43,12 @@ def _resolve_device(device: str) -> str:
     raise BadOptionError(f"--device {device!r} is not supported; use auto, cpu or cuda.")
 
 
-def _resolve_dtype(dtype: str):
-    if dtype in (None, "auto"):
-        return "auto"
-    if dtype not in DTYPES:
-        raise BadOptionError(f"--dtype {dtype!r} is not supported; use auto, {', '.join(DTYPES)}.")
-    return DTYPES[dtype]
-
 
 def load(path: str, device: str = "auto", dtype: str = "auto"):
     """(model, tokenizer) of a ptqtp or dense directory, on `device` ("auto", "cpu", "cuda") in `dtype`."""
     from transformers import AutoTokenizer
 
-    model = hf.from_pretrained(path, dtype=_resolve_dtype(dtype), device_map=_resolve_device(device))
+    model = hf.from_pretrained(path, dtype=hf.resolve_dtype(dtype), device_map=_resolve_device(device))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:

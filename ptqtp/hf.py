@@ -156,6 +156,20 @@ class PtqtpHfQuantizer(HfQuantizer):
         return True
 
 
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def resolve_dtype(dtype: str | None):
+    """A --dtype option as `from_pretrained` takes it: "auto" or a torch dtype."""
+    import torch
+
+    if dtype in (None, "auto"):
+        return "auto"
+    if dtype not in DTYPES:
+        raise BadOptionError(f"--dtype {dtype!r} is not supported; use auto, {', '.join(DTYPES)}.")
+    return getattr(torch, dtype)
+
+
 def register() -> None:
     """Make `quant_method: "ptqtp"` known to transformers (idempotent; `import ptqtp` calls it)."""
     if _hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(fmt.QUANT_METHOD) is not PtqtpConfig:

@@ -170,16 +170,23 @@ def ls_scale_step(w: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> torch.Te
     other kept, which is still an exact minimisation, so the objective can never increase.
     """
     g11, g22, g12, b1, b2 = _gram(w, t)
-    a1, a2 = a[:, 0].double(), a[:, 1].double()
-    det = g11 * g22 - g12 * g12  # exact: integer sums
+    n1, n2 = _solve_normal_2x2(g11, g22, g12, b1, b2, a[:, 0].double(), a[:, 1].double())
+    return torch.stack((n1, n2), dim=-1).float()
+
+
+def _solve_normal_2x2(g11, g22, g12, b1, b2, keep1, keep2):
+    """Least-squares scales from the normal equations [[g11, g12], [g12, g22]] a = b (Gram entries are
+    integer counts, so det is exact); where singular, the 1-D optimum of one scale with the other kept at
+    `keep`, and `keep` itself where a plane is empty."""
+    det = g11 * g22 - g12 * g12
     ok = det > 0
     safe = torch.where(ok, det, torch.ones_like(det))
     full1, full2 = (g22 * b1 - g12 * b2) / safe, (g11 * b2 - g12 * b1) / safe
-    only1 = (b1 - g12 * a2) / g11.clamp(min=1)
-    only2 = (b2 - g12 * a1) / g22.clamp(min=1)
-    n1 = torch.where(ok, full1, torch.where(g11 > 0, only1, a1))
-    n2 = torch.where(ok, full2, torch.where((g11 == 0) & (g22 > 0), only2, a2))
-    return torch.stack((n1, n2), dim=-1).float()
+    only1 = (b1 - g12 * keep2) / g11.clamp(min=1)
+    only2 = (b2 - g12 * keep1) / g22.clamp(min=1)
+    n1 = torch.where(ok, full1, torch.where(g11 > 0, only1, keep1))
+    n2 = torch.where(ok, full2, torch.where((g11 == 0) & (g22 > 0), only2, keep2))
+    return n1, n2
 
 
 def objective(w: torch.Tensor, a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -295,14 +302,7 @@ def magnitude_round(xs, psum, x2, hi, lo):
     g12 = c4 - c_m
     b1 = s_m + s3 + s4
     b2 = s_p - s_m + s4
-    det = g11 * g22 - g12 * g12  # exact: counts
-    ok = det > 0
-    safe = torch.where(ok, det, torch.ones_like(det))
-    full1, full2 = (g22 * b1 - g12 * b2) / safe, (g11 * b2 - g12 * b1) / safe
-    only1 = (b1 - g12 * lo) / g11.clamp(min=1)
-    only2 = (b2 - g12 * hi) / g22.clamp(min=1)
-    a1 = torch.where(ok, full1, torch.where(g11 > 0, only1, hi))
-    a2 = torch.where(ok, full2, torch.where((g11 == 0) & (g22 > 0), only2, lo))
+    a1, a2 = _solve_normal_2x2(g11, g22, g12, b1, b2, hi, lo)
     e = x2 - 2 * (a1 * b1 + a2 * b2) + a1 * a1 * g11 + 2 * a1 * a2 * g12 + a2 * a2 * g22  # (N, K)
     a1, a2 = a1.abs(), a2.abs()
     return torch.maximum(a1, a2), torch.minimum(a1, a2), e

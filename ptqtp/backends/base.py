@@ -15,6 +15,13 @@ import torch
 GEMV_MAX_M = 16
 
 
+def finish_gemv(y: torch.Tensor, bias, dtype: torch.dtype) -> torch.Tensor:
+    """GEMV kernels accumulate in float32: add the bias there, then cast once to the activation dtype."""
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(dtype)
+
+
 def kernel_kind(m: int) -> str:
     """The one place that splits decode from prefill by token count M."""
     return "gemv" if m <= GEMV_MAX_M else "gemm"

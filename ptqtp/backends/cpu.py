@@ -15,7 +15,7 @@ import os
 import torch
 
 from .. import layouts
-from .base import Backend, KernelSpec
+from .base import Backend, KernelSpec, finish_gemv
 
 ENV_ISA = "PTQTP_CPU_ISA"
 
@@ -54,9 +54,7 @@ def trit_linear_cpu(x, packed, scales, bias, group_size: int, in_features: int) 
         return torch.nn.functional.linear(x, w, bias)
     lay = layouts.cached("cpu_lut3", layouts.to_cpu_lut3, packed, scales, in_features, group_size)
     y = ext.gemv_lut3(x, lay.codes, lay.scales, n, in_features, group_size, _use_avx2())  # (M, N) float32
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype)
+    return finish_gemv(y, bias, x.dtype)
 
 
 BACKEND = Backend(

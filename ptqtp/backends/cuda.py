@@ -11,7 +11,7 @@ import importlib
 
 import torch
 
-from .base import Backend, KernelSpec
+from .base import Backend, KernelSpec, finish_gemv
 
 MAX_M = 8
 
@@ -43,9 +43,7 @@ def trit_linear_cuda(x, packed, scales, bias, group_size: int, in_features: int)
     """y (M, N) for x (M, K) on CUDA, M <= 8."""
     ext, _ = _load()
     y = ext.gemv(x, packed, scales.to(torch.float16), group_size)  # (M, N) float32
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype)
+    return finish_gemv(y, bias, x.dtype)
 
 
 BACKEND = Backend(

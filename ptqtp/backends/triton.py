@@ -14,7 +14,7 @@ import os
 import torch
 
 from ..errors import NoBackendError
-from .base import Backend, KernelSpec, kernel_kind
+from .base import Backend, KernelSpec, kernel_kind, finish_gemv
 
 
 def _interpreting() -> bool:
@@ -52,9 +52,7 @@ def trit_linear_triton(x, packed, scales, bias, group_size: int, in_features: in
         w = kernels.trit_dequantize(packed, scales, in_features, group_size, x.dtype)  # (N, K)
         return torch.nn.functional.linear(x, w, bias)
     y = kernels.trit_gemv(x, packed, scales, in_features, group_size)  # (M, N) float32
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype)
+    return finish_gemv(y, bias, x.dtype)
 
 
 BACKEND = Backend(
