@@ -178,6 +178,9 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
         "",
         f"![perplexity vs bits per weight]({plot})",
         "",
+        "Calibrated mode (`--calib`, GPTQ-style error feedback on the trit-planes) is measured separately, "
+        "with its calibration text and settings: [CALIBRATED.md](CALIBRATED.md).",
+        "",
         "Per-model JSON (every number with its versions, seed, dtype and wall time) is written to the work "
         "folder given by `--work-dir`.",
         "",
