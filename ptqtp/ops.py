@@ -7,13 +7,12 @@ tokens to (M, K) and hands the call to the backend `select_backend` picks (refer
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 
 from . import format as fmt
-from .backends import ENV_FORCE, KernelSpec, select_backend
+from .backends import KernelSpec, select_backend
 from .backends.reference import trit_linear_reference
 from .errors import BadOptionError, CorruptCheckpointError
 
@@ -60,8 +59,7 @@ def trit_linear_eager(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
     x2 = x.reshape(-1, in_features)  # (M, K)
     if x2.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], n))
-    spec = KernelSpec(x.device.type, x.dtype, x2.shape[0], n, in_features, group_size,
-                      forced=bool(os.environ.get(ENV_FORCE)))
+    spec = KernelSpec(x.device.type, x.dtype, x2.shape[0], n, in_features, group_size)  # select_backend reads PTQTP_BACKEND
     y = select_backend(spec).linear(x2, packed, scales, bias, group_size, in_features)  # (M, N)
     return y.contiguous().reshape(*x.shape[:-1], n)  # fresh, dense: what the fake promises
 
