@@ -16,6 +16,22 @@ CPU "lut3" layout (`CpuLut3Layout`), for the AVX2 GEMV in `csrc/cpu/`:
         codes   int32   (R, G, 2 planes, 2 masks P/N, W, 8 lanes)     R = ceil(out / 8)
         scales  float32 (R, G, 2 planes, 8 lanes)
     At g = 128: C = 43, W = 5, i.e. 2 * 2 * 5 * 32 / 128 = 5 bits per weight in memory (the checkpoint's 3.2 + 0.25).
+
+CPU "lut27" layout (`CpuLut27Layout`), for the AVX-512 GEMV in `csrc/cpu/lut27_avx512.cpp`:
+    rows are taken 16 at a time (one zmm register of fp32 lanes); chunks of 3 columns as above. A chunk of one
+    plane is one 5-bit code (t0+1) + 3(t1+1) + 9(t2+1) in 0..26 (an all-zero chunk is 13), the index of the
+    signed sum t0*x0 + t1*x1 + t2*x2 in the kernel's 27-entry table (one `vpermt2ps` per 16 rows x 3 columns x
+    plane, both planes reading the same table). Six codes fill one int32 word, three per 16-bit half: chunk
+    6w+i at bits 5i (i < 3) or 16 + 5(i-3) (i >= 3), so the kernel reaches the next code with 16-bit
+    multiplies rather than shifts; bits 15 and 31 are spare. When C % 6 == 1 and the last chunk of a group has
+    at most 2 columns (g % 3 != 0; C = 43 at g = 128), that chunk gets no word of its own: its code
+    (t0+1) + 3(t1+1) in 0..8 sits in the spare bits (bit 0 -> word 0 bit 15, 1 -> word 0 bit 31, 2 -> word 1
+    bit 15, 3 -> word 1 bit 31; `tail_in_spare`), W = C // 6; otherwise W = ceil(C / 6). Scales stay float16
+    (the kernel widens them with `vcvtph2ps`).
+
+        codes   int32   (R, G, 2 planes, W, 16 lanes)      R = ceil(out / 16)
+        scales  float16 (R, G, 2 planes, 16 lanes)
+    At g = 128: W = 7, i.e. 2 * 7 * 32 / 128 + 2 * 16 / 128 = 3.75 bits per weight in memory.
 """
 
 from __future__ import annotations
@@ -31,6 +47,8 @@ from .packing import unpack
 ROWS_PER_BLOCK = 8  # fp32 lanes of an AVX2 register
 CHUNK = 3  # columns per table lookup: 2^3 = 8 subset sums = one AVX2 register
 CHUNKS_PER_WORD = 10  # 3-bit codes per int32 word
+LUT27_ROWS = 16  # fp32 lanes of an AVX-512 register
+LUT27_CODES_PER_WORD = 6  # 5-bit codes per int32 word
 
 _CACHE: dict[tuple, tuple[weakref.ref, weakref.ref, tuple[int, int], object]] = {}  # key -> (packed, scales, versions, layout)
 
@@ -80,6 +98,59 @@ def to_cpu_lut3(packed: torch.Tensor, scales: torch.Tensor, in_features: int, gr
     s = torch.nn.functional.pad(s, (0, 0, 0, r * ROWS_PER_BLOCK - n))  # (2, R*8, G)
     s = s.view(2, r, ROWS_PER_BLOCK, g_count).permute(1, 3, 0, 2).contiguous()  # (R, G, 2, 8)
     return CpuLut3Layout(codes, s, n, in_features, group_size)
+
+
+@dataclass(frozen=True)
+class CpuLut27Layout:
+    codes: torch.Tensor  # int32 (R, G, 2, W, 16)
+    scales: torch.Tensor  # float16 (R, G, 2, 16)
+    out_features: int
+    in_features: int
+    group_size: int
+    tail_in_spare: bool  # the last chunk's 4-bit code is in bits 15 and 31 of words 0 and 1
+
+
+def lut27_words(group_size: int) -> tuple[int, bool]:
+    """(int32 words per (row, group, plane), whether the last chunk's code rides in the spare bits)."""
+    c = math.ceil(group_size / CHUNK)
+    if c % LUT27_CODES_PER_WORD == 1 and group_size % CHUNK and c > 2 * LUT27_CODES_PER_WORD:
+        return c // LUT27_CODES_PER_WORD, True
+    return math.ceil(c / LUT27_CODES_PER_WORD), False
+
+
+def to_cpu_lut27(packed: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int,
+                 row_chunk: int = 1024) -> CpuLut27Layout:
+    """Convert storage planes (2, N, ceil(K/5)) + fp16 scales (2, N, G) into the CPU lut27 layout."""
+    n = packed.shape[-2]
+    g_count = scales.shape[-1]
+    r = math.ceil(n / LUT27_ROWS)
+    c = math.ceil(group_size / CHUNK)
+    w, spare = lut27_words(group_size)
+    slots = c - 1 if spare else w * LUT27_CODES_PER_WORD  # chunks placed in words the ordinary way
+    shifts = torch.tensor([0, 5, 10, 16, 21, 26], dtype=torch.int64)  # bit of chunk i in its word
+    parts = []
+    for r0 in range(0, n, row_chunk):  # bounded peak memory on large layers
+        rows = min(row_chunk, n - r0)
+        t = unpack(packed[:, r0:r0 + rows].cpu(), (2, rows, in_features))  # (2, rows, K) int8
+        t = torch.nn.functional.pad(t, (0, g_count * group_size - in_features))  # (2, rows, G*g)
+        t = t.view(2, rows, g_count, group_size)
+        t = torch.nn.functional.pad(t, (0, c * CHUNK - group_size)).view(2, rows, g_count, c, CHUNK)
+        code = ((t[..., 0] + 1) + 3 * (t[..., 1] + 1) + 9 * (t[..., 2] + 1)).to(torch.int64)  # (2, rows, G, C)
+        body = torch.nn.functional.pad(code[..., :slots] if spare else code, (0, slots - min(slots, c)),
+                                       value=13)  # (2, rows, G, W*6)
+        words = (body.view(2, rows, g_count, w, LUT27_CODES_PER_WORD) << shifts).sum(-1)  # (2, rows, G, W)
+        if spare:  # the last chunk's third column is padding: digit 0 there gives a code in 0..8
+            tail = code[..., c - 1] - 9  # (2, rows, G)
+            for bit, (word, at) in enumerate([(0, 15), (0, 31), (1, 15), (1, 31)]):
+                words[..., word] |= ((tail >> bit) & 1) << at
+        parts.append((words - ((words >> 31) << 32)).to(torch.int32))  # bit 31 set -> negative int32
+    words = torch.cat(parts, dim=1)  # (2, N, G, W)
+    words = torch.nn.functional.pad(words, (0, 0, 0, 0, 0, r * LUT27_ROWS - n), value=0)  # (2, R*16, G, W)
+    codes = words.view(2, r, LUT27_ROWS, g_count, w).permute(1, 3, 0, 4, 2).contiguous()  # (R, G, 2, W, 16)
+    s = scales.cpu().to(torch.float16)  # (2, N, G)
+    s = torch.nn.functional.pad(s, (0, 0, 0, r * LUT27_ROWS - n))  # (2, R*16, G)
+    s = s.view(2, r, LUT27_ROWS, g_count).permute(1, 3, 0, 2).contiguous()  # (R, G, 2, 16)
+    return CpuLut27Layout(codes, s, n, in_features, group_size, spare)
 
 
 def cached(kind: str, build, packed: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int):

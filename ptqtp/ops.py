@@ -3,16 +3,24 @@
 Imports `packing` (through `backends`) and `backends`. Registered with `torch.library` with a fake
 implementation, so torch.compile and CUDA graphs see one opaque node; the body validates shapes, flattens the
 tokens to (M, K) and hands the call to the backend `select_backend` picks (reference, cpu, triton or cuda).
+
+Per-call cost matters at decode (hundreds of small Linears per token), so the eager body remembers what cannot
+change between calls: the tensor shapes it has already validated, and the backend chosen per (device, dtype,
+decode/prefill, N, K, group size, PTQTP_BACKEND, PTQTP_DISABLED_BACKENDS) as long as `select_backend`'s own
+cache still holds that choice (so `backends.clear_cache()` resets both).
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import os
+
 import torch
 
+from . import backends
 from . import format as fmt
-from .backends import KernelSpec, select_backend
+from .backends import KernelSpec, kernel_kind, select_backend
 from .backends.reference import trit_linear_reference
 from .errors import BadOptionError, CorruptCheckpointError
 
@@ -42,6 +50,27 @@ def _check(x, packed, scales, bias, group_size: int, in_features: int) -> None:
         raise CorruptCheckpointError(f"bias has shape {tuple(bias.shape)}, expected ({n},); reload the checkpoint.")
 
 
+_CHECKED: set[tuple] = set()  # call signatures (shapes, dtypes, sizes) that passed _check
+_ENV: dict[tuple, tuple] = {}  # raw (PTQTP_BACKEND, PTQTP_DISABLED_BACKENDS) -> as select_backend parses them
+_CHOICE: dict[tuple, tuple] = {}  # call key -> (select_backend's cache key, backend)
+
+
+def _backend_for(device: str, dtype: torch.dtype, m: int, n: int, k: int, group_size: int):
+    """`select_backend` for one call, without building a KernelSpec while its cached choice stands."""
+    raw = (os.environ.get(backends.ENV_FORCE), os.environ.get(backends.ENV_DISABLED))
+    kind = kernel_kind(m)
+    key = (device, dtype, kind, n, k, group_size, raw)
+    hit = _CHOICE.get(key)
+    if hit is not None and backends._CHOICE.get(hit[0]) is hit[1]:  # still select_backend's choice
+        return hit[1]
+    backend = select_backend(KernelSpec(device, dtype, m, n, k, group_size))  # reads the env itself
+    env = _ENV.get(raw)
+    if env is None:
+        env = _ENV[raw] = backends._env()
+    _CHOICE[key] = ((device, dtype, n, k, group_size, kind, *env), backend)
+    return backend
+
+
 def trit_linear_eager(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
                       group_size: int, in_features: int) -> torch.Tensor:
     """y = x @ W.T + bias for the trit-plane weight W = a1*T1 + a2*T2.
@@ -54,14 +83,20 @@ def trit_linear_eager(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
     Returns:
         (..., out) in x.dtype.
     """
-    _check(x, packed, scales, bias, group_size, in_features)
+    shape = x.shape
+    sig = (shape[-1], packed.shape, packed.dtype, scales.shape, None if bias is None else bias.shape, group_size,
+           in_features)
+    if sig not in _CHECKED:
+        _check(x, packed, scales, bias, group_size, in_features)
+        _CHECKED.add(sig)
     n = packed.shape[-2]
-    x2 = x.reshape(-1, in_features)  # (M, K)
-    if x2.shape[0] == 0:
-        return x.new_empty((*x.shape[:-1], n))
-    spec = KernelSpec(x.device.type, x.dtype, x2.shape[0], n, in_features, group_size)  # select_backend reads PTQTP_BACKEND
-    y = select_backend(spec).linear(x2, packed, scales, bias, group_size, in_features)  # (M, N)
-    return y.contiguous().reshape(*x.shape[:-1], n)  # fresh, dense: what the fake promises
+    x2 = x if len(shape) == 2 else x.reshape(-1, in_features)  # (M, K)
+    m = x2.shape[0]
+    if m == 0:
+        return x.new_empty((*shape[:-1], n))
+    backend = _backend_for(x.device.type, x.dtype, m, n, in_features, group_size)
+    y = backend.linear(x2, packed, scales, bias, group_size, in_features).contiguous()  # (M, N)
+    return y if len(shape) == 2 else y.view(*shape[:-1], n)  # fresh, dense: what the fake promises
 
 
 # The registered op is the eager body behind torch.library, so torch.compile and CUDA graphs see one opaque

@@ -1,44 +1,166 @@
-// ptqtp._C: torch bindings of the CPU kernels. Checks shapes and dtypes (naming them in errors), converts
-// activations to float32, runs OpenMP over blocks of 8 output rows. The Python side (ptqtp/backends/cpu.py)
-// adds the bias and casts back to the activation dtype.
+// ptqtp._C: torch bindings of the CPU kernels. Checks shapes and dtypes (naming them in errors), reads bf16 /
+// fp16 activations into float32, runs the torch-free kernels (OpenMP over output-row blocks) and returns y in
+// the activation dtype with the bias added in float32 before the one cast, as the reference does.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+
+#include <cstring>
+#include <vector>
 
 #include "trit_cpu.h"
 
 namespace {
 
-torch::Tensor gemv_lut3(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales, int64_t n,
-                        int64_t k, int64_t group_size, bool allow_avx2) {
-  using namespace ptqtp_cpu;
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "ptqtp gemv: x must be (M, ", k, "), got ", x.sizes());
+using namespace ptqtp_cpu;
+
+// per-calling-thread scratch, grown on demand and reused: no allocation per call once warm
+float* scratch(std::vector<float>& buf, int64_t count) {
+  if (static_cast<int64_t>(buf.size()) < count) buf.resize(count);
+  return buf.data();
+}
+thread_local std::vector<float> tl_x, tl_y, tl_tables, tl_partial;
+
+// x (M, K) as float32 rows: the tensor itself when it already is (row stride returned), else a converted copy
+const float* x_as_float(const torch::Tensor& x, int64_t& stride) {
+  const int64_t m = x.size(0), k = x.size(1);
+  if (x.scalar_type() == torch::kFloat32 && x.stride(1) == 1) {
+    stride = x.stride(0);
+    return x.data_ptr<float>();
+  }
+  float* dst = scratch(tl_x, m * k);
+  stride = k;
+  const auto xc = x.contiguous();
+  if (x.scalar_type() == torch::kBFloat16) {
+    const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+    for (int64_t i = 0; i < m * k; ++i) {
+      const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+      std::memcpy(dst + i, &bits, 4);
+    }
+  } else if (x.scalar_type() == torch::kHalf) {
+    const auto* src = xc.data_ptr<at::Half>();
+    for (int64_t i = 0; i < m * k; ++i) dst[i] = static_cast<float>(src[i]);
+  } else {
+    const auto xf = xc.to(torch::kFloat32);
+    std::memcpy(dst, xf.data_ptr<float>(), m * k * sizeof(float));
+  }
+  return dst;
+}
+
+// y (M, N) in dtype: float32 outputs are written by the kernel in place; others go through a float scratch
+struct Output {
+  torch::Tensor y;
+  float* f32;
+  Output(int64_t m, int64_t n, torch::ScalarType dtype) : y(torch::empty({m, n}, torch::dtype(dtype))) {
+    f32 = dtype == torch::kFloat32 ? y.data_ptr<float>() : scratch(tl_y, m * n);
+  }
+  torch::Tensor finish() {
+    const int64_t count = y.numel();
+    if (y.scalar_type() == torch::kBFloat16) {
+      auto* o = y.data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < count; ++i) o[i] = at::BFloat16(f32[i]);  // round to nearest even, as .to()
+    } else if (y.scalar_type() == torch::kHalf) {
+      auto* o = y.data_ptr<at::Half>();
+      for (int64_t i = 0; i < count; ++i) o[i] = at::Half(f32[i]);
+    }
+    return y;
+  }
+};
+
+void check_x(const torch::Tensor& x, int64_t k, const char* who) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, who, ": x must be (M, ", k, "), got ", x.sizes());
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == torch::kFloat32 || t == torch::kBFloat16 || t == torch::kHalf, who,
+              ": x must be float32, bfloat16 or float16, got ", t);
+}
+
+const float* bias_f32(const c10::optional<torch::Tensor>& bias, int64_t n, torch::Tensor& keep) {
+  if (!bias.has_value()) return nullptr;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, "ptqtp gemv: bias must be (", n, "), got ", bias->sizes());
+  keep = bias->to(torch::kFloat32).contiguous();
+  return keep.data_ptr<float>();
+}
+
+torch::Tensor gemv_lut3_op(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                        const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t group_size,
+                        bool allow_avx2) {
+  check_x(x, k, "ptqtp gemv_lut3");
   TORCH_CHECK(codes.dim() == 6 && codes.scalar_type() == torch::kInt32 && codes.is_contiguous() &&
                   codes.size(2) == 2 && codes.size(3) == 2 && codes.size(5) == kRowsPerBlock,
-              "ptqtp gemv: codes must be contiguous int32 (R, G, 2, 2, W, 8), got ", codes.sizes());
+              "ptqtp gemv_lut3: codes must be contiguous int32 (R, G, 2, 2, W, 8), got ", codes.sizes());
   const int64_t rblocks = codes.size(0), groups = codes.size(1), words = codes.size(4);
   const int64_t chunks = (group_size + kChunk - 1) / kChunk;
   TORCH_CHECK(rblocks * kRowsPerBlock >= n && groups * group_size >= k && words * kChunksPerWord >= chunks,
-              "ptqtp gemv: codes ", codes.sizes(), " do not fit N=", n, " K=", k, " group_size=", group_size);
+              "ptqtp gemv_lut3: codes ", codes.sizes(), " do not fit N=", n, " K=", k, " group_size=", group_size);
   TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.dim() == 4 &&
                   scales.size(0) == rblocks && scales.size(1) == groups,
-              "ptqtp gemv: scales must be contiguous float32 (R, G, 2, 8), got ", scales.sizes());
-  const auto xf = x.to(torch::kFloat32).contiguous();  // (M, K)
-  const int64_t m = xf.size(0);
+              "ptqtp gemv_lut3: scales must be contiguous float32 (R, G, 2, 8), got ", scales.sizes());
+  torch::Tensor bias_keep;
+  const float* bp = bias_f32(bias, n, bias_keep);
+  int64_t xs = 0;
+  const float* xp = x_as_float(x, xs);
+  const int64_t m = x.size(0);
   const int64_t slots = words * kChunksPerWord;
-  auto tables = torch::empty({m, groups * slots * 8}, xf.options());
-  for (int64_t t = 0; t < m; ++t)
-    build_tables(xf.data_ptr<float>() + t * k, k, group_size, groups, words, tables.data_ptr<float>() + t * groups * slots * 8);
-  auto y = torch::empty({m, rblocks * kRowsPerBlock}, xf.options());  // (M, R*8)
-  const bool avx2 = allow_avx2 && cpu_has_avx2();
-  const float* tp = tables.data_ptr<float>();
+  float* tp = scratch(tl_tables, m * groups * slots * 8);
+  for (int64_t t = 0; t < m; ++t) build_tables(xp + t * xs, k, group_size, groups, words, tp + t * groups * slots * 8);
+  Output out(m, n, x.scalar_type());
+  const bool avx2 = allow_avx2 && cpu_best_isa() >= kAvx2;
   const int32_t* cp = codes.data_ptr<int32_t>();
   const float* sp = scales.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int64_t stride = rblocks * kRowsPerBlock;
+  float* yp = out.f32;
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t rb = 0; rb < rblocks; ++rb) gemv_lut3_block(tp, m, cp, sp, groups, words, chunks, rb, yp, stride, avx2);
-  return y.narrow(1, 0, n);
+  for (int64_t rb = 0; rb < rblocks; ++rb)
+    gemv_lut3_block(tp, m, cp, sp, groups, words, chunks, rb, n, bp, yp, n, avx2);
+  return out.finish();
+}
+
+torch::Tensor gemv_lut27_op(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                         const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t group_size,
+                         bool tail_in_spare, int64_t tile_bytes) {
+  check_x(x, k, "ptqtp gemv_lut27");
+  TORCH_CHECK(cpu_best_isa() >= kAvx512, "ptqtp gemv_lut27: this CPU (or this build) has no AVX-512F/BW");
+  TORCH_CHECK(codes.dim() == 5 && codes.scalar_type() == torch::kInt32 && codes.is_contiguous() &&
+                  codes.size(2) == 2 && codes.size(4) == kLut27Rows,
+              "ptqtp gemv_lut27: codes must be contiguous int32 (R16, G, 2, W, 16), got ", codes.sizes());
+  const int64_t r16 = codes.size(0), groups = codes.size(1), words = codes.size(3);
+  const int64_t chunks = (group_size + 2) / 3;
+  const int64_t need_words = tail_in_spare ? chunks / kLut27CodesPerWord
+                                           : (chunks + kLut27CodesPerWord - 1) / kLut27CodesPerWord;
+  TORCH_CHECK(r16 == (n + kLut27Rows - 1) / kLut27Rows && groups == (k + group_size - 1) / group_size &&
+                  words == need_words &&
+                  (!tail_in_spare || (chunks % kLut27CodesPerWord == 1 && group_size % 3 != 0 && words >= 2)),
+              "ptqtp gemv_lut27: codes ", codes.sizes(), " do not fit N=", n, " K=", k, " group_size=", group_size);
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.is_contiguous() && scales.dim() == 4 &&
+                  scales.size(0) == r16 && scales.size(1) == groups && scales.size(2) == 2 &&
+                  scales.size(3) == kLut27Rows,
+              "ptqtp gemv_lut27: scales must be contiguous float16 (R16, G, 2, 16), got ", scales.sizes());
+  const int64_t m = x.size(0);
+  TORCH_CHECK(m >= 1 && m <= kLut27MaxTokens, "ptqtp gemv_lut27: M=", m, " tokens, the decode kernel takes 1..",
+              kLut27MaxTokens);
+  torch::Tensor bias_keep;
+  Lut27Problem p{};
+  p.bias = bias_f32(bias, n, bias_keep);
+  p.x = x_as_float(x, p.x_stride);
+  p.codes = codes.data_ptr<int32_t>();
+  p.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.group_size = group_size;
+  p.groups = groups;
+  p.chunks = chunks;
+  p.words = words;
+  p.tail_in_spare = tail_in_spare;
+  const int64_t group_table_bytes = m * chunks * kLut27TableFloats * 4;
+  p.tile_groups = tile_bytes > 0 ? std::max<int64_t>(1, tile_bytes / group_table_bytes) : groups;
+  p.threads = at::get_num_threads();
+  p.tables = scratch(tl_tables, m * groups * chunks * kLut27TableFloats);
+  p.partial = p.tile_groups < groups ? scratch(tl_partial, m * r16 * kLut27Rows) : nullptr;
+  Output out(m, n, x.scalar_type());
+  p.y = out.f32;
+  p.y_stride = n;
+  gemv_lut27(p);
+  return out.finish();
 }
 
 torch::Tensor dequantize(const torch::Tensor& packed, const torch::Tensor& scales, int64_t k, int64_t group_size,
@@ -61,8 +183,7 @@ torch::Tensor dequantize(const torch::Tensor& packed, const torch::Tensor& scale
     std::vector<float> row(f32 ? 0 : k);
     for (int64_t r = r0; r < r1; ++r) {
       float* dst = f32 ? out.data_ptr<float>() + r * k : row.data();
-      ptqtp_cpu::dequantize_row(pp + r * nb, pp + (n + r) * nb, ssp + r * groups, ssp + (n + r) * groups, k,
-                                group_size, dst);
+      dequantize_row(pp + r * nb, pp + (n + r) * nb, ssp + r * groups, ssp + (n + r) * groups, k, group_size, dst);
       if (dtype == torch::kBFloat16) {
         auto* o = out.data_ptr<at::BFloat16>() + r * k;
         for (int64_t c = 0; c < k; ++c) o[c] = at::BFloat16(row[c]);
@@ -75,11 +196,15 @@ torch::Tensor dequantize(const torch::Tensor& packed, const torch::Tensor& scale
   return out;
 }
 
+const char* isa_name(int isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "generic"; }
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "ptqtp CPU kernels (lut3 GEMV, dequantize)";
-  m.def("gemv_lut3", &gemv_lut3, "y (M, N) float32 from x (M, K) and the lut3 layout");
+  m.doc() = "ptqtp CPU kernels (lut27 AVX-512 GEMV, lut3 AVX2 / generic GEMV, dequantize)";
+  m.def("gemv_lut27", &gemv_lut27_op, "y (M, N) in x.dtype from x (M, K) and the lut27 layout (AVX-512F)");
+  m.def("gemv_lut3", &gemv_lut3_op, "y (M, N) in x.dtype from x (M, K) and the lut3 layout (AVX2 or generic)");
   m.def("dequantize", &dequantize, "dense (N, K) weight from the storage format");
-  m.def("has_avx2", &ptqtp_cpu::cpu_has_avx2, "whether this CPU runs the AVX2 kernel");
+  m.def("best_isa", [] { return std::string(isa_name(cpu_best_isa())); },
+        "best kernel ISA of this CPU and build: avx512, avx2 or generic");
 }

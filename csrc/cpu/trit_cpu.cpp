@@ -1,4 +1,5 @@
-// Torch-free CPU kernels: AVX2 (compiled for that target only, chosen at run time) and a portable generic twin.
+// Torch-free CPU kernels: ISA detection, the lut3 GEMV (AVX2, compiled for that target only and chosen at run
+// time, and its portable generic twin) and the dequantize of the storage format. lut27 lives in lut27_avx512.cpp.
 #include "trit_cpu.h"
 
 #include <algorithm>
@@ -7,13 +8,13 @@
 
 namespace ptqtp_cpu {
 
-bool cpu_has_avx2() {
+int cpu_best_isa() {
 #if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
+  __builtin_cpu_init();  // libgcc also checks that the OS saves the ymm / zmm state (XCR0)
+  if (lut27_compiled() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
 #endif
+  return kGeneric;
 }
 
 void build_tables(const float* x, int64_t k, int64_t group_size, int64_t groups, int64_t words, float* tables) {
@@ -44,7 +45,10 @@ void build_tables(const float* x, int64_t k, int64_t group_size, int64_t groups,
 __attribute__((target("avx2,fma"))) static void gemv_block_avx2(const float* tables, int64_t m,
                                                                 const int32_t* codes, const float* scales,
                                                                 int64_t groups, int64_t words, int64_t chunks,
-                                                                int64_t rb, float* y, int64_t y_stride) {
+                                                                int64_t rb, int64_t n, const float* bias, float* y,
+                                                                int64_t y_stride) {
+  const int64_t r0 = rb * kRowsPerBlock;
+  const int live = static_cast<int>(std::min<int64_t>(kRowsPerBlock, n - r0));
   const int64_t slots = words * kChunksPerWord;
   const int64_t block_words = groups * 4 * words * kRowsPerBlock;
   for (int64_t t = 0; t < m; ++t) {
@@ -80,19 +84,23 @@ __attribute__((target("avx2,fma"))) static void gemv_block_avx2(const float* tab
       cp += 4 * words * kRowsPerBlock;
       sp += 2 * kRowsPerBlock;
     }
-    _mm256_storeu_ps(y + t * y_stride + rb * kRowsPerBlock, total);
+    alignas(32) float out[kRowsPerBlock];
+    _mm256_store_ps(out, total);
+    for (int i = 0; i < live; ++i) y[t * y_stride + r0 + i] = bias ? out[i] + bias[r0 + i] : out[i];
   }
 }
 #endif
 
 static void gemv_block_generic(const float* tables, int64_t m, const int32_t* codes, const float* scales,
-                               int64_t groups, int64_t words, int64_t chunks, int64_t rb, float* y,
-                               int64_t y_stride) {
+                               int64_t groups, int64_t words, int64_t chunks, int64_t rb, int64_t n,
+                               const float* bias, float* y, int64_t y_stride) {
+  const int64_t r0 = rb * kRowsPerBlock;
+  const int live = static_cast<int>(std::min<int64_t>(kRowsPerBlock, n - r0));
   const int64_t slots = words * kChunksPerWord;
   const int64_t block_words = groups * 4 * words * kRowsPerBlock;
   for (int64_t t = 0; t < m; ++t) {
     const float* tab = tables + t * groups * slots * 8;
-    for (int lane = 0; lane < kRowsPerBlock; ++lane) {
+    for (int lane = 0; lane < live; ++lane) {
       const int32_t* cp = codes + rb * block_words + lane;
       const float* sp = scales + rb * groups * 2 * kRowsPerBlock + lane;
       float total = 0.0f;
@@ -111,20 +119,21 @@ static void gemv_block_generic(const float* tables, int64_t m, const int32_t* co
         cp += 4 * words * kRowsPerBlock;
         sp += 2 * kRowsPerBlock;
       }
-      y[t * y_stride + rb * kRowsPerBlock + lane] = total;
+      y[t * y_stride + r0 + lane] = bias ? total + bias[r0 + lane] : total;
     }
   }
 }
 
 void gemv_lut3_block(const float* tables, int64_t m, const int32_t* codes, const float* scales, int64_t groups,
-                     int64_t words, int64_t chunks, int64_t rb, float* y, int64_t y_stride, bool use_avx2) {
+                     int64_t words, int64_t chunks, int64_t rb, int64_t n, const float* bias, float* y,
+                     int64_t y_stride, bool use_avx2) {
 #if defined(__x86_64__) || defined(__i386__)
   if (use_avx2) {
-    gemv_block_avx2(tables, m, codes, scales, groups, words, chunks, rb, y, y_stride);
+    gemv_block_avx2(tables, m, codes, scales, groups, words, chunks, rb, n, bias, y, y_stride);
     return;
   }
 #endif
-  gemv_block_generic(tables, m, codes, scales, groups, words, chunks, rb, y, y_stride);
+  gemv_block_generic(tables, m, codes, scales, groups, words, chunks, rb, n, bias, y, y_stride);
 }
 
 namespace {

@@ -1,26 +1,63 @@
-// Torch-free CPU kernels for trit-plane linears (see ptqtp/layouts.py for the "lut3" layout they read).
+// Torch-free CPU kernels for trit-plane linears (the layouts they read are built in ptqtp/layouts.py).
 //
-// y[m, r] = sum_g  a1[r, g] * (S[P1] - S[N1]) + a2[r, g] * (S[P2] - S[N2])
-// where S are the 8 subset sums of 3 activations (one table per chunk of 3 columns and token), and P/N are the
-// 3-bit masks of +1/-1 trits of a chunk: no multiplication per weight, the two scales once per (row, group).
+// Two GEMV families, picked at run time by ISA (cpu_best_isa):
+//   lut27 (AVX-512F): per token and chunk of 3 columns a table of the 27 signed sums d0*x0 + d1*x1 + d2*x2,
+//     looked up for 16 rows x 1 plane by one vpermt2ps on a 5-bit code per (row, chunk, plane).
+//   lut3 (AVX2 + scalar twin): per chunk the 8 subset sums of 3 columns, looked up by vpermps with the +1 (P)
+//     and -1 (N) masks: t . x = S[P] - S[N].
+// Both: no multiplication per weight; the two scales multiply the partial sums once per (row, group).
+//
+// Activations come in as float32 (the binding converts bf16 / fp16); outputs are float32 with the bias added
+// (the binding casts to the activation dtype when that is not float32).
 #pragma once
 #include <cstdint>
 
 namespace ptqtp_cpu {
 
+enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// Best kernel ISA this CPU and OS run: AVX-512F+BW (lut27), AVX2+FMA (lut3), or generic (lut3 scalar).
+int cpu_best_isa();
+
+// ---- lut3 (AVX2 and generic) -------------------------------------------------------------------------------
 constexpr int kRowsPerBlock = 8;    // AVX2 fp32 lanes: one lane per output row
 constexpr int kChunk = 3;           // columns per lookup: 2^3 subset sums fill one AVX2 register
 constexpr int kChunksPerWord = 10;  // 3-bit codes per int32 word
-
-bool cpu_has_avx2();
 
 // tables (G * W * 10 * 8): subset sums of x per (group, chunk); chunks past a group's end or past K sum zeros.
 void build_tables(const float* x, int64_t k, int64_t group_size, int64_t groups, int64_t words, float* tables);
 
 // One block of 8 rows for m tokens. codes: int32 (R, G, 2, 2, W, 8); scales: float (R, G, 2, 8);
-// tables: m x (G * W * 10 * 8); y: m rows of stride y_stride, this block's 8 outputs written at rb * 8.
+// tables: m x (G * W * 10 * 8); y: m rows of stride y_stride; this block's outputs (rows < n) written at rb * 8,
+// plus bias[row] when bias is not null.
 void gemv_lut3_block(const float* tables, int64_t m, const int32_t* codes, const float* scales, int64_t groups,
-                     int64_t words, int64_t chunks, int64_t rb, float* y, int64_t y_stride, bool use_avx2);
+                     int64_t words, int64_t chunks, int64_t rb, int64_t n, const float* bias, float* y,
+                     int64_t y_stride, bool use_avx2);
+
+// ---- lut27 (AVX-512F) --------------------------------------------------------------------------------------
+constexpr int kLut27Rows = 16;          // fp32 lanes of a zmm register: one lane per output row
+constexpr int kLut27CodesPerWord = 6;   // 5-bit codes per int32 word: bits 0, 5, 10, 16, 21, 26; 15 and 31 spare
+constexpr int kLut27TableFloats = 32;   // 27 sums + 5 zeros: two zmm registers, the vpermt2ps table
+constexpr int kLut27MaxTokens = 16;     // decode path only (GEMV_MAX_M)
+
+struct Lut27Problem {
+  const float* x;         // (m, k) float32, row stride x_stride
+  int64_t x_stride;
+  const int32_t* codes;   // (R16, G, 2, W, 16) int32, see ptqtp/layouts.py
+  const uint16_t* scales; // (R16, G, 2, 16) float16 bits
+  const float* bias;      // (n,) or null
+  float* y;               // (m, n) float32, row stride y_stride
+  int64_t y_stride;
+  float* tables;          // scratch: m * G * C * 32 floats
+  float* partial;         // scratch: m * R16 * 16 floats (used only when the groups are walked in tiles)
+  int64_t m, n, k, group_size, groups, chunks, words;
+  bool tail_in_spare;     // a last chunk of <= 2 columns has its 4-bit code in bits 15, 31 of words 0 and 1
+  int64_t tile_groups;    // groups per pass over the rows (keeps m tables of that many groups in L2)
+  int threads;
+};
+
+bool lut27_compiled();  // false when this compiler could not build the AVX-512 code
+void gemv_lut27(const Lut27Problem& p);
 
 // One dense row from the storage format: packed planes p0/p1 (ceil(k/5) bytes each), float scales s0/s1 (G).
 void dequantize_row(const uint8_t* p0, const uint8_t* p1, const float* s0, const float* s1, int64_t k,

@@ -1,9 +1,13 @@
 """The CPU C++ backend (`ptqtp._C`, built from `csrc/cpu/` at install): what laptop users get.
 
-Imports `layouts` only. Decode (M <= GEMV_MAX_M) runs the multiplication-free lut3 GEMV on a layout converted
-once per weight (`layouts.to_cpu_lut3`); prefill dequantizes in C++ (same float32 rounding as the reference)
-and calls `F.linear`, which is compute-bound there anyway. `PTQTP_CPU_ISA=generic` forces the portable scalar
-kernel instead of AVX2 (for tests and for CPUs that misreport AVX2).
+Imports `layouts`, `errors` and `base`. Decode (M <= GEMV_MAX_M) runs a multiplication-free GEMV on a layout
+converted once per weight: "lut27" (`layouts.to_cpu_lut27`) on CPUs with AVX-512F, "lut3"
+(`layouts.to_cpu_lut3`) with AVX2 or the portable scalar twin otherwise. The kernel adds the bias and casts to
+the activation dtype itself. Prefill dequantizes in C++ (same float32 rounding as the reference) and calls
+`F.linear`, which is compute-bound there anyway.
+
+`PTQTP_CPU_ISA=auto|avx512|avx2|generic` forces one kernel (for tests, and for CPUs that misreport their
+features); forcing one this CPU lacks raises `BadOptionError`.
 """
 
 from __future__ import annotations
@@ -15,9 +19,15 @@ import os
 import torch
 
 from .. import layouts
-from .base import Backend, KernelSpec, finish_gemv
+from ..errors import BadOptionError
+from .base import GEMV_MAX_M, Backend, KernelSpec
 
 ENV_ISA = "PTQTP_CPU_ISA"
+ISAS = ("avx512", "avx2", "generic")  # best first
+# table bytes per pass over the rows in the lut27 kernel (all tokens): small enough to stay in L2
+LUT27_TILE_BYTES = 512 << 10
+
+_ISA_CHOICE: dict[str | None, str] = {}  # PTQTP_CPU_ISA value -> ISA that runs
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,31 +40,56 @@ def _load():
                       "`pip install --no-build-isolation -e .` where a C++ compiler exists")
 
 
+def best_isa() -> str:
+    """The fastest kernel ISA this CPU and build run: avx512, avx2 or generic."""
+    ext, _ = _load()
+    return ext.best_isa() if ext is not None else "generic"
+
+
+def isa() -> str:
+    """The ISA the GEMV uses now: PTQTP_CPU_ISA if set (and runnable here), else `best_isa()`."""
+    want = os.environ.get(ENV_ISA)
+    hit = _ISA_CHOICE.get(want)
+    if hit is None:
+        best = best_isa()
+        name = (want or "auto").strip().lower()
+        if name == "auto":
+            hit = best
+        elif name not in ISAS:
+            raise BadOptionError(f"{ENV_ISA}={want!r} is not a CPU kernel ISA; use auto, {', '.join(ISAS)}.")
+        elif ISAS.index(name) < ISAS.index(best):
+            raise BadOptionError(f"{ENV_ISA}={name} but this CPU (or this build of ptqtp._C) runs at most {best}; "
+                                 f"unset {ENV_ISA} or set it to {best}.")
+        else:
+            hit = name
+        _ISA_CHOICE[want] = hit
+    return hit
+
+
 def _available() -> tuple[bool, str]:
     ext, reason = _load()
     if ext is None:
         return False, reason
-    return True, "AVX2" if ext.has_avx2() else "generic C++ (no AVX2 on this CPU)"
+    return True, {"avx512": "AVX-512 lut27", "avx2": "AVX2 lut3"}.get(best_isa(), "generic C++ (no AVX2 on this CPU)")
 
 
 def _supports(spec: KernelSpec) -> tuple[bool, str]:
     return True, f"{spec.kind} path"
 
 
-def _use_avx2() -> bool:
-    return os.environ.get(ENV_ISA, "auto").strip().lower() != "generic"
-
-
 def trit_linear_cpu(x, packed, scales, bias, group_size: int, in_features: int) -> torch.Tensor:
-    """y (M, N) for x (M, K) on CPU: lut3 GEMV for decode, C++ dequantize + F.linear for prefill."""
+    """y (M, N) for x (M, K) on CPU: lut27 / lut3 GEMV for decode, C++ dequantize + F.linear for prefill."""
     ext, _ = _load()
     n = packed.shape[-2]
-    if x.shape[0] > layouts.ROWS_PER_BLOCK * 2:  # prefill: GEMV would redo the lookups per token
+    if x.shape[0] > GEMV_MAX_M:  # prefill: GEMV would redo the lookups per token
         w = ext.dequantize(packed, scales, in_features, group_size, x.dtype)  # (N, K)
         return torch.nn.functional.linear(x, w, bias)
+    if isa() == "avx512":
+        lay = layouts.cached("cpu_lut27", layouts.to_cpu_lut27, packed, scales, in_features, group_size)
+        return ext.gemv_lut27(x, lay.codes, lay.scales, bias, n, in_features, group_size, lay.tail_in_spare,
+                              LUT27_TILE_BYTES)  # (M, N) x.dtype
     lay = layouts.cached("cpu_lut3", layouts.to_cpu_lut3, packed, scales, in_features, group_size)
-    y = ext.gemv_lut3(x, lay.codes, lay.scales, n, in_features, group_size, _use_avx2())  # (M, N) float32
-    return finish_gemv(y, bias, x.dtype)
+    return ext.gemv_lut3(x, lay.codes, lay.scales, bias, n, in_features, group_size, isa() == "avx2")
 
 
 BACKEND = Backend(
