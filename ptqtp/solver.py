@@ -175,15 +175,18 @@ def ls_scale_step(w: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> torch.Te
 
 
 def _solve_normal_2x2(g11, g22, g12, b1, b2, keep1, keep2):
-    """Least-squares scales from the normal equations [[g11, g12], [g12, g22]] a = b (Gram entries are
-    integer counts, so det is exact); where singular, the 1-D optimum of one scale with the other kept at
-    `keep`, and `keep` itself where a plane is empty."""
+    """Least-squares scales from the normal equations [[g11, g12], [g12, g22]] a = b; where singular, the 1-D
+    optimum of one scale with the other kept at `keep`, and `keep` itself where a plane is empty.
+
+    Unweighted Gram entries are integer counts, so det is exact and any det > 0 is at least 1. Weighted ones
+    (`column_weights`) are sums of reals, where collinear planes leave a rounding residue instead of 0: det is
+    taken as zero below 1e-9 of g11 * g22 (never the case for counts <= 2^14 per group)."""
     det = g11 * g22 - g12 * g12
-    ok = det > 0
+    ok = det > 1e-9 * g11 * g22
     safe = torch.where(ok, det, torch.ones_like(det))
     full1, full2 = (g22 * b1 - g12 * b2) / safe, (g11 * b2 - g12 * b1) / safe
-    only1 = (b1 - g12 * keep2) / g11.clamp(min=1)
-    only2 = (b2 - g12 * keep1) / g22.clamp(min=1)
+    only1 = (b1 - g12 * keep2) / torch.where(g11 > 0, g11, torch.ones_like(g11))
+    only2 = (b2 - g12 * keep1) / torch.where(g22 > 0, g22, torch.ones_like(g22))
     n1 = torch.where(ok, full1, torch.where(g11 > 0, only1, keep1))
     n2 = torch.where(ok, full2, torch.where((g11 == 0) & (g22 > 0), only2, keep2))
     return n1, n2
@@ -214,7 +217,7 @@ def _paper(w, max_iters, tol, trace):
     return a, rounds
 
 
-def _ptqtp(w, max_iters, tol, trace):
+def _ptqtp(w, max_iters, tol, trace, h=None):
     """Multi-start alternation on the sorted magnitudes of each group (see `decompose`).
 
     The 9 levels are symmetric, so only |w| matters, and for given scales the nearest-level assignment splits
@@ -222,40 +225,51 @@ def _ptqtp(w, max_iters, tol, trace):
     group once and keeping prefix sums makes one alternation round O(log n) per group: 4 binary searches
     give the runs, their counts and sums give S^T S and S^T w, and the 2x2 solve gives the new scales. That is
     cheap enough to run many starts per group to convergence and keep the best.
+
+    With column weights h (N, n) the objective is sum h * (w - q)^2: the weights ride along the sort, and
+    prefix sums of h and h*|w| replace the counts and sums of each run (the nearest level is unchanged).
     """
     n_groups, n = w.shape
-    xs = w.abs().sort(dim=-1).values.double()  # (N, n) ascending |w|, normalised to max 1
-    psum = torch.nn.functional.pad(xs.cumsum(dim=-1), (1, 0))  # (N, n + 1)
-    x2 = xs.square().sum(dim=-1, keepdim=True)  # (N, 1)
+    xs, order = w.abs().sort(dim=-1)  # (N, n) ascending |w|, normalised to max 1
+    xs = xs.double()
+    if h is None:
+        pcount = None
+        psum = torch.nn.functional.pad(xs.cumsum(dim=-1), (1, 0))  # (N, n + 1)
+        x2 = xs.square().sum(dim=-1, keepdim=True)  # (N, 1)
+    else:
+        hs = h.double().gather(1, order)  # (N, n) weights in sorted order
+        pcount = torch.nn.functional.pad(hs.cumsum(dim=-1), (1, 0))  # (N, n + 1)
+        psum = torch.nn.functional.pad((hs * xs).cumsum(dim=-1), (1, 0))
+        x2 = (hs * xs.square()).sum(dim=-1, keepdim=True)
     starts = torch.tensor([(top / (1 + r), top * r / (1 + r)) for top in START_TOPS for r in START_RATIOS],
                           dtype=torch.float64, device=w.device)  # (K, 2)
     hi = starts[:, 0].expand(n_groups, -1).clone()  # (N, K)
     lo = starts[:, 1].expand(n_groups, -1).clone()
     tol_k = tol.double().unsqueeze(1)  # (N, 1)
     # Phase 1: every start for a few rounds; phase 2: the best start per group, to convergence.
-    hi, lo, err, rounds = _alternate(xs, psum, x2, hi, lo, min(START_ROUNDS, max_iters), tol_k, trace)
+    hi, lo, err, rounds = _alternate(xs, psum, x2, hi, lo, min(START_ROUNDS, max_iters), tol_k, trace, pcount)
     best = err.argmin(dim=-1, keepdim=True)  # (N, 1), first on ties
     hi, lo = hi.gather(1, best), lo.gather(1, best)  # (N, 1)
     if max_iters > START_ROUNDS:
-        hi, lo, _, more = _alternate(xs, psum, x2, hi, lo, max_iters - START_ROUNDS, tol_k, trace)
+        hi, lo, _, more = _alternate(xs, psum, x2, hi, lo, max_iters - START_ROUNDS, tol_k, trace, pcount)
         rounds += more
     return torch.cat((hi, lo), dim=-1).float(), rounds
 
 
-def _alternate(xs, psum, x2, hi, lo, max_iters, tol, trace):
+def _alternate(xs, psum, x2, hi, lo, max_iters, tol, trace, pcount=None):
     """Run `magnitude_round` on K scale pairs per group (N, K) until no pair of a group moves more than
     `tol` (N, 1), or max_iters rounds. Converged groups leave the working set. Returns hi, lo, err (N, K) and
-    rounds (N,) int32."""
+    rounds (N,) int32. `pcount`: prefix sums of column weights (weighted solve), or None."""
     n_groups = xs.shape[0]
     err = torch.full_like(hi, math.inf)
     rounds = torch.zeros(n_groups, dtype=torch.int32, device=xs.device)
     active = torch.arange(n_groups, device=xs.device)
     if trace is not None:
         trace.append([])
-    xa, pa, x2a, ha, la, ea, ta = xs, psum, x2, hi, lo, err, tol
+    xa, pa, x2a, ha, la, ea, ta, ca = xs, psum, x2, hi, lo, err, tol, pcount
     live = torch.ones(n_groups, dtype=torch.bool, device=xs.device)
     for _ in range(max_iters):
-        h, l, e = magnitude_round(xa, pa, x2a, ha, la)
+        h, l, e = magnitude_round(xa, pa, x2a, ha, la, ca)
         moving = ((h - ha).abs() > ta) | ((l - la).abs() > ta)  # (A, K)
         lv = live.unsqueeze(1)
         ha, la, ea = torch.where(lv, h, ha), torch.where(lv, l, la), torch.where(lv, e, ea)
@@ -271,17 +285,19 @@ def _alternate(xs, psum, x2, hi, lo, max_iters, tol, trace):
             if n_live == 0:
                 break
             xa, pa, x2a, ha, la, ea, ta = xa[live], pa[live], x2a[live], ha[live], la[live], ea[live], ta[live]
+            ca = None if ca is None else ca[live]
             live = torch.ones(n_live, dtype=torch.bool, device=xs.device)
     if active.numel():
         hi[active], lo[active], err[active] = ha, la, ea
     return hi, lo, err, rounds
 
 
-def magnitude_round(xs, psum, x2, hi, lo):
+def magnitude_round(xs, psum, x2, hi, lo, pcount=None):
     """One LS <- nearest-level round on sorted magnitudes xs (N, n) for K scale pairs hi >= lo >= 0 (N, K).
 
     Returns the refit pair in canonical form (N, K) each and the squared error (N, K) of the refit scales with
-    the trits of the input scales.
+    the trits of the input scales. With `pcount` (N, n + 1), prefix sums of column weights in sorted order,
+    counts become weight sums (psum and x2 then hold the weighted sums).
     """
     N, n = xs.shape
     K = hi.shape[1]
@@ -289,7 +305,10 @@ def magnitude_round(xs, psum, x2, hi, lo):
     thr = torch.stack((0.5 * small, 0.5 * (small + big), 0.5 * (big + hi), hi + 0.5 * lo), dim=-1)  # (N, K, 4)
     idx = torch.searchsorted(xs, thr.reshape(N, 4 * K), right=True).reshape(N, K, 4)  # #(x <= threshold)
     bounds = torch.cat((idx.new_zeros(N, K, 1), idx, idx.new_full((N, K, 1), n)), dim=-1)  # (N, K, 6)
-    cnt = bounds.diff(dim=-1).double()  # (N, K, 5) weights per level, in increasing level order
+    if pcount is None:
+        cnt = bounds.diff(dim=-1).double()  # (N, K, 5) weights per level, in increasing level order
+    else:
+        cnt = pcount.gather(1, bounds.reshape(N, 6 * K)).reshape(N, K, 6).diff(dim=-1)  # (N, K, 5) weight sums
     s = psum.gather(1, bounds.reshape(N, 6 * K)).reshape(N, K, 6).diff(dim=-1)  # (N, K, 5) sum of |w| per level
     swapped = (lo > hi - lo)  # (N, K): level order 0, hi-lo, lo, hi, hi+lo
     c1, c2, c3, c4 = cnt[..., 1], cnt[..., 2], cnt[..., 3], cnt[..., 4]
@@ -364,13 +383,14 @@ def _finish(w: torch.Tensor, a: torch.Tensor, m: torch.Tensor):
     return stored, t.to(torch.int8)
 
 
-def _solve(w: torch.Tensor, method: str, max_iters: int, tol: float, trace) -> tuple:
-    """Solve a batch of groups (N, n) float32 in weight units; returns stored scales, trits int8, rounds."""
+def _solve(w: torch.Tensor, method: str, max_iters: int, tol: float, trace, h=None) -> tuple:
+    """Solve a batch of groups (N, n) float32 in weight units (column weights h (N, n) or None); returns
+    stored scales, trits int8, rounds."""
     m = w.abs().amax(dim=-1)  # (N,)
     m_safe = torch.where(m > 0, m, torch.ones_like(m))
     wn = w / m_safe.unsqueeze(1)  # (N, n), max |w| = 1 (or all zero)
     tol_n = tol / m_safe  # (N,): tol is in weight units, the solve in normalised units
-    a, rounds = _SOLVERS[method](wn, max_iters, tol_n, trace)
+    a, rounds = _SOLVERS[method](wn, max_iters, tol_n, trace) if h is None else _ptqtp(wn, max_iters, tol_n, trace, h)
     scales, t = _finish(w, a, m_safe)
     return scales, t, rounds
 
@@ -398,7 +418,8 @@ def validate_weight(weight, group_size: int, name: str | None = None) -> None:
 
 
 def decompose(weight: torch.Tensor, group_size: int = 128, method: str = "ptqtp", max_iters: int = 50,
-              tol: float = 1e-4, *, name: str | None = None, trace: list | None = None) -> TritPlanes:
+              tol: float = 1e-4, *, name: str | None = None, trace: list | None = None,
+              column_weights: torch.Tensor | None = None) -> TritPlanes:
     """Decompose a Linear weight into two trit-planes with fp16 scales per (row, group of input columns).
 
     Methods:
@@ -425,6 +446,9 @@ def decompose(weight: torch.Tensor, group_size: int = 128, method: str = "ptqtp"
         name: tensor name, used only in error messages.
         trace: debug hook; when a list, one list per solved batch is appended holding the total squared error
             (normalised units) after the start and after every round.
+        column_weights: optional (in,) non-negative importance of each input column (method "ptqtp" only):
+            the scales then minimise sum_c h_c (w_c - q_c)^2 per (row, group). Calibrated mode passes the
+            diagonal of the input Hessian, so columns that carry large activations get accurate levels.
     Returns:
         TritPlanes with int8 planes (2, out, in) and float32 scales (2, out, G) exactly representable in fp16.
     Raises:
@@ -439,6 +463,14 @@ def decompose(weight: torch.Tensor, group_size: int = 128, method: str = "ptqtp"
         raise BadOptionError(f"tol must be a number >= 0, got {tol!r}.")
     validate_weight(weight, group_size, name)
     out, n = weight.shape
+    if column_weights is not None:
+        if method != "ptqtp":
+            raise BadOptionError(f"column_weights need method 'ptqtp', not {method!r}.")
+        cw = torch.as_tensor(column_weights)
+        if tuple(cw.shape) != (n,) or not bool(torch.isfinite(cw).all()) or bool((cw < 0).any()):
+            raise BadOptionError(f"column_weights must be {n} finite values >= 0 (one per input column), got "
+                                 f"shape {tuple(cw.shape)}; pass e.g. the diagonal of the input Hessian.")
+        cw = cw.to(device=weight.device, dtype=torch.float32)
     dev = weight.device
     G = math.ceil(n / group_size)
     full = n // group_size  # groups with group_size real columns
@@ -451,12 +483,16 @@ def decompose(weight: torch.Tensor, group_size: int = 128, method: str = "ptqtp"
         w = weight[r0:r1].to(torch.float32)  # (rows, in)
         rows = r1 - r0
         if full:
-            s, t, k = _solve(w[:, : full * group_size].reshape(rows * full, group_size), method, max_iters, tol, trace)
+            hf = None if column_weights is None else cw[: full * group_size].view(1, full, group_size).expand(
+                rows, full, group_size).reshape(rows * full, group_size)  # (rows * full, g)
+            s, t, k = _solve(w[:, : full * group_size].reshape(rows * full, group_size), method, max_iters, tol,
+                             trace, hf)
             planes[:, r0:r1, : full * group_size] = t.reshape(2, rows, full * group_size)
             scales[:, r0:r1, :full] = s.T.reshape(2, rows, full)
             total_rounds += float(k.sum())
         if full < G:
-            s, t, k = _solve(w[:, full * group_size:], method, max_iters, tol, trace)
+            hp = None if column_weights is None else cw[full * group_size:].expand(rows, n - full * group_size)
+            s, t, k = _solve(w[:, full * group_size:], method, max_iters, tol, trace, hp)
             planes[:, r0:r1, full * group_size:] = t
             scales[:, r0:r1, full] = s.T
             total_rounds += float(k.sum())

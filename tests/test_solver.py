@@ -263,3 +263,26 @@ def test_default_beats_paper_on_real_smollm2_linears(smollm2_dir):
         paper = decompose(w, method="paper").relative_error(w)
         rtn = rtn_ternary(w, 128).relative_error(w)
         assert ours < paper < rtn, (name, ours, paper, rtn)
+
+
+def test_column_weights_of_one_change_nothing_and_real_weights_lower_the_weighted_error():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(48, 300, generator=g)  # a partial last group too
+    plain = decompose(w)
+    ones = decompose(w, column_weights=torch.ones(300))
+    assert torch.equal(plain.planes, ones.planes) and torch.equal(plain.scales, ones.scales)
+    h = torch.rand(300, generator=g) ** 4 * 100  # a few columns matter far more than the rest
+    weighted = decompose(w, column_weights=h)
+    werr = lambda tp: float((h * (w - tp.dequantize()) ** 2).sum())  # noqa: E731
+    assert werr(weighted) < 0.97 * werr(plain)
+    assert torch.equal(weighted.scales, weighted.scales.half().float())
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"column_weights": torch.ones(7)}, "one per input column"),
+    ({"column_weights": -torch.ones(16)}, ">= 0"),
+    ({"column_weights": torch.ones(16), "method": "paper"}, "need method 'ptqtp'"),
+])
+def test_bad_column_weights_are_one_line_errors(kwargs, match):
+    with pytest.raises(BadOptionError, match=match):
+        decompose(torch.randn(4, 16), group_size=8, **kwargs)
