@@ -51,9 +51,10 @@ from .config import TritPlaneConfig
 from .errors import BadOptionError, NonFiniteWeightError
 from .loader import QUANTIZE, classify
 from .solver import METHODS as SOLVER_METHODS
-from .solver import TritPlanes, decompose
+from .solver import FP16_MAX, TritPlanes, decompose
 
-DEFAULT_DAMP = 0.01  # fraction of the mean Hessian diagonal added to it (GPTQ's percdamp)
+DEFAULT_DAMP = 1.0  # fraction of the mean Hessian diagonal added to it (GPTQ's percdamp; see the module doc)
+DEFAULT_FEEDBACK = False  # GPTQ error feedback off by default: it lost to weighted scales + refit (module doc)
 LAZY_BLOCK = 32  # columns updated one by one before their error is pushed on with one matmul (GPTQ's blocks)
 
 # the 9 trit pairs (t1, t2); (0, 0) first so that ties (e.g. zero scales) pick the zero level
@@ -80,7 +81,9 @@ def _inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tenso
 
 
 def gptq_trit_planes(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 128, method: str = "ptqtp",
-                     max_iters: int = 50, tol: float = 1e-4, damp: float = DEFAULT_DAMP) -> TritPlanes:
+                     max_iters: int = 50, tol: float = 1e-4, damp: float = DEFAULT_DAMP, *,
+                     act_order: bool = True, weighted_scales: bool = True,
+                     refit_scales: bool = True, feedback: bool = DEFAULT_FEEDBACK) -> TritPlanes:
     """Quantize one weight to trit-planes minimising the output error on inputs with second moment `hessian`.
 
     Args:
@@ -89,6 +92,13 @@ def gptq_trit_planes(weight: torch.Tensor, hessian: torch.Tensor, group_size: in
         group_size: input columns sharing one pair of scales (the storage format's groups).
         method, max_iters, tol: the calibration-free solver that fits each group's scales.
         damp: fraction of the mean diagonal added to H before inversion.
+        act_order: visit columns by decreasing H diagonal, with every group's scales fit before the first
+            column (static groups); False: natural order, each group's scales fit on its updated weights when
+            the group starts (plain GPTQ).
+        weighted_scales: fit group scales to minimise the H-diagonal-weighted error (method "ptqtp" only).
+        refit_scales: once all trits are chosen, refit each row's scales by least squares in the H norm.
+        feedback: GPTQ error feedback; False picks every trit pair as the nearest level of the (static)
+            scales, with no column loop: importance-weighted scales + refit alone (see DEFAULT_FEEDBACK).
 
     Returns:
         `TritPlanes` with planes int8 (2, out, in) and fp16-exact float32 scales (2, out, G).
@@ -105,37 +115,115 @@ def gptq_trit_planes(weight: torch.Tensor, hessian: torch.Tensor, group_size: in
     dead = h.diagonal() == 0  # (in,) inputs never seen: their weights cannot matter to the output
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    u = _inverse_hessian_cholesky(h, damp)  # (in, in) upper
+    w_orig = w.clone() if refit_scales else None
+    importance = h.diagonal().clone() if weighted_scales and method == "ptqtp" else None  # (in,)
+    importance = None if importance is None else torch.where(dead, torch.zeros_like(importance), importance)
+
+    def fit(src: torch.Tensor, cols: slice) -> tuple[torch.Tensor, float]:
+        """Stored (fp16-exact) scales (2, out, groups) of src[:, cols] and its mean solver rounds."""
+        cw = None if importance is None else importance[cols].float()
+        r = decompose(src[:, cols].float(), group_size=group_size, method=method, max_iters=max_iters, tol=tol,
+                      column_weights=cw)
+        return r.scales.to(dtype), r.iterations
 
     num_groups = math.ceil(in_f / group_size)
-    scales = torch.zeros(2, out_f, num_groups, dtype=torch.float32, device=w.device)  # (2, out, G)
-    choice = torch.zeros(out_f, in_f, dtype=torch.long, device=w.device)  # (out, in) index into TRIT_PAIRS
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else \
+        torch.arange(in_f, device=w.device)  # (in,) visiting order
+    if not feedback:  # the fit's own trits are the nearest levels of its stored scales
+        cw = None if importance is None else importance.float()
+        r = decompose(w.float(), group_size=group_size, method=method, max_iters=max_iters, tol=tol, column_weights=cw)
+        h[dead, dead] = 0.0
+        scales = refit_scales_h(w_orig, h, r.planes, r.scales.to(dtype), group_size) if refit_scales else r.scales
+        return TritPlanes(planes=r.planes, scales=scales.float(), group_size=group_size, iterations=r.iterations)
+    if act_order:
+        scales, iterations = fit(w, slice(0, in_f))  # static groups: all scales from the original weights
+    else:
+        scales, iterations = torch.zeros(2, out_f, num_groups, dtype=dtype, device=w.device), 0.0
+    u = _inverse_hessian_cholesky(h[perm][:, perm], damp)  # (in, in) upper, in visiting order
+    wp = w[:, perm]  # (out, in) in visiting order, updated by the feedback
+    group_of = perm // group_size  # (in,) group of each visited column
     pairs = TRIT_PAIRS.to(device=w.device, dtype=dtype)  # (9, 2)
-    iterations = 0.0
-    for g in range(num_groups):
-        g0, g1 = g * group_size, min((g + 1) * group_size, in_f)
-        fit = decompose(w[:, g0:g1].float(), group_size=group_size, method=method, max_iters=max_iters, tol=tol)
-        a = fit.scales[:, :, 0].to(torch.float16).to(torch.float32)  # (2, out), as stored
-        scales[:, :, g] = a
-        iterations += fit.iterations * (g1 - g0)
-        levels = a.to(dtype).T @ pairs.T  # (out, 9)
-        for c0 in range(g0, g1, LAZY_BLOCK):
-            c1 = min(c0 + LAZY_BLOCK, g1)
-            block = w[:, c0:c1].clone()  # (out, b)
-            err = torch.zeros_like(block)  # (out, b)
-            u_blk = u[c0:c1, c0:c1]  # (b, b)
-            for i in range(c1 - c0):
-                col = block[:, i]  # (out,)
-                idx = (col.unsqueeze(1) - levels).abs().argmin(dim=1)  # (out,)
-                q = levels.gather(1, idx.unsqueeze(1)).squeeze(1)  # (out,)
-                choice[:, c0 + i] = idx
-                e = (col - q) / u_blk[i, i]  # (out,)
-                block[:, i:] -= e.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)  # (out, b - i)
-                err[:, i] = e
-            if c1 < in_f:
-                w[:, c1:] -= err @ u[c0:c1, c1:]  # (out, in - c1): lazy batch update of later columns
+    choice = torch.zeros(out_f, in_f, dtype=torch.long, device=w.device)  # (out, in) index into TRIT_PAIRS
+    # blocks of the lazy update; in natural order they never straddle a group (its scales are fit at its start)
+    starts = range(0, in_f, LAZY_BLOCK) if act_order else \
+        [c for g0 in range(0, in_f, group_size) for c in range(g0, min(g0 + group_size, in_f), LAZY_BLOCK)]
+    for c0 in starts:
+        c1 = min(c0 + LAZY_BLOCK, in_f) if act_order else min(c0 + LAZY_BLOCK, (c0 // group_size + 1) * group_size,
+                                                              in_f)
+        if not act_order and c0 % group_size == 0:
+            g = c0 // group_size
+            a, rounds = fit(wp, slice(c0, min(c0 + group_size, in_f)))  # (2, out, 1) on the updated group
+            scales[:, :, g] = a[:, :, 0]
+            iterations += rounds * (min(c0 + group_size, in_f) - c0) / in_f
+        block = wp[:, c0:c1].clone()  # (out, b)
+        err = torch.zeros_like(block)  # (out, b)
+        u_blk = u[c0:c1, c0:c1]  # (b, b)
+        for i in range(c1 - c0):
+            levels = scales[:, :, group_of[c0 + i]].T @ pairs.T  # (out, 9)
+            col = block[:, i]  # (out,)
+            idx = (col.unsqueeze(1) - levels).abs().argmin(dim=1)  # (out,)
+            q = levels.gather(1, idx.unsqueeze(1)).squeeze(1)  # (out,)
+            choice[:, perm[c0 + i]] = idx
+            e = (col - q) / u_blk[i, i]  # (out,)
+            block[:, i:] -= e.unsqueeze(1) * u_blk[i, i:].unsqueeze(0)  # (out, b - i)
+            err[:, i] = e
+        if c1 < in_f:
+            wp[:, c1:] -= err @ u[c0:c1, c1:]  # (out, in - c1): lazy batch update of later columns
+    h[dead, dead] = 0.0
     planes = TRIT_PAIRS.to(w.device)[choice].permute(2, 0, 1).contiguous()  # (2, out, in) int8
-    return TritPlanes(planes=planes, scales=scales, group_size=group_size, iterations=iterations / in_f)
+    if refit_scales:
+        scales = refit_scales_h(w_orig, h, planes, scales, group_size)
+    return TritPlanes(planes=planes, scales=scales.float(), group_size=group_size, iterations=float(iterations))
+
+
+def refit_scales_h(weight: torch.Tensor, hessian: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor,
+                   group_size: int) -> torch.Tensor:
+    """Per row, the 2G scales minimising (w - q)^T H (w - q) for the fixed trits, rounded to fp16.
+
+    q = sum_{plane k, group g} s[k, g] * T_k masked to g is linear in the scales, so this is a (2G x 2G) least
+    squares per row: M = A H A^T, b = A H w with A the masked trits. M is built group by group (T_k[:, g] @
+    H[g, :], out x in at a time), so memory stays O(out x in + out x G^2). A row keeps its old scales where
+    those are no worse after fp16 rounding, so the H error never rises. An empty plane of a group (all trits
+    zero) keeps a zero scale.
+
+    Args:
+        weight: (out, in) the weight the layer should compute (before any feedback).
+        hessian: (in, in) undamped X^T X / n.
+        planes: int8 (2, out, in) trits.
+        scales: (2, out, G) the scales the trits were chosen with (fp16-exact).
+    Returns:
+        (2, out, G) fp16-exact scales in the dtype of `weight`.
+    """
+    out_f, in_f = weight.shape
+    num_groups = scales.shape[-1]
+    width = num_groups * group_size
+    dtype = weight.dtype
+    pad = width - in_f
+    t = torch.nn.functional.pad(planes.to(dtype), (0, pad))  # (2, out, width)
+    hp = torch.nn.functional.pad(hessian, (0, pad, 0, pad))  # (width, width)
+    wh = torch.nn.functional.pad(weight, (0, pad)) @ hp  # (out, width)
+    rhs = (t * wh).view(2, out_f, num_groups, group_size).sum(-1)  # (2, out, G)
+    rhs = rhs.permute(1, 0, 2).reshape(out_f, 2 * num_groups).double()  # (out, 2G), index k * G + g
+    gram = torch.empty(out_f, 2 * num_groups, 2 * num_groups, dtype=torch.float64, device=weight.device)
+    for k in range(2):
+        for g in range(num_groups):
+            cols = slice(g * group_size, (g + 1) * group_size)
+            v = t[k, :, cols] @ hp[cols, :]  # (out, width): row r = T_k[r, g] H[g, :]
+            gram[:, k * num_groups + g, :] = (t * v).view(2, out_f, num_groups, group_size).sum(-1).permute(
+                1, 0, 2).reshape(out_f, 2 * num_groups).double()
+    diag = gram.diagonal(dim1=1, dim2=2)  # (out, 2G)
+    empty = diag <= 0  # planes of a group with no trit (or only dead inputs): keep their scale at zero
+    reg = 1e-7 * diag.abs().mean(-1, keepdim=True).clamp_min(1e-30) + empty.double()  # (out, 2G)
+    new = torch.linalg.solve(gram + torch.diag_embed(reg), rhs)  # (out, 2G)
+    new = torch.where(empty, torch.zeros_like(new), new)
+    new = new.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).double()
+    old = scales.permute(1, 0, 2).reshape(out_f, 2 * num_groups).double()  # (out, 2G)
+
+    def h_error(s):  # (out,) the H error up to a constant shared by both candidates
+        return (s.unsqueeze(1) @ gram @ s.unsqueeze(2)).view(-1) - 2 * (s * rhs).sum(-1)
+
+    best = torch.where((h_error(new) < h_error(old)).unsqueeze(1), new, old)  # (out, 2G)
+    return best.view(out_f, 2, num_groups).permute(1, 0, 2).contiguous().to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -253,6 +341,7 @@ def _set_weight(linear: nn.Linear, tp: TritPlanes) -> None:
 @torch.no_grad()
 def calibrate_model(model: nn.Module, tokens: torch.Tensor, config: TritPlaneConfig, *,
                     device: str | torch.device | None = None, damp: float = DEFAULT_DAMP,
+                    feedback: bool = DEFAULT_FEEDBACK,
                     done: dict[int, dict[str, TritPlanes]] | None = None,
                     on_layer: Callable[[LayerResult], None] | None = None,
                     on_linear: Callable[[str], None] | None = None) -> dict[str, TritPlanes]:
@@ -293,7 +382,8 @@ def calibrate_model(model: nn.Module, tokens: torch.Tensor, config: TritPlaneCon
                 raise CorruptCheckpointError(f"saved calibration state lacks {sorted(missing)[0]}; rerun with "
                                              "--overwrite instead of --resume.")
         else:
-            planes = _quantize_layer(layer, linears, hidden, args, kwargs, device, config, damp, on_linear)
+            planes = _quantize_layer(layer, linears, hidden, args, kwargs, device, config, damp, on_linear,
+                                     feedback)
         for name, linear in linears.items():
             _set_weight(linear, planes[name])
         results.update(planes)
@@ -339,7 +429,7 @@ def _shared_inputs(layer, linears, x, args, kwargs) -> tuple[list[list[str]], li
     return groups, inputs
 
 
-def _quantize_layer(layer, linears, hidden, args, kwargs, device, config, damp, on_linear):
+def _quantize_layer(layer, linears, hidden, args, kwargs, device, config, damp, on_linear, feedback):
     """Collect H = X^T X / n per distinct Linear input over the calibration set, then run GPTQ per input."""
     groups, first = _shared_inputs(layer, linears, hidden[:1].to(device), args, kwargs)
     hess = []
@@ -369,7 +459,8 @@ def _quantize_layer(layer, linears, hidden, args, kwargs, device, config, damp, 
         h = hess[k] / max(count[k], 1)  # (in, in)
         hess[k] = None
         w = torch.cat([linears[n].weight.data for n in names], dim=0)  # (sum of out, in)
-        tp = gptq_trit_planes(w, h, config.group_size, config.method, config.max_iters, config.tol, damp)
+        tp = gptq_trit_planes(w, h, config.group_size, config.method, config.max_iters, config.tol, damp,
+                              feedback=feedback)
         row = 0
         for n in names:
             rows = linears[n].out_features
@@ -427,13 +518,14 @@ def _load_layers(partial, group_size: int) -> dict[int, dict[str, TritPlanes]]:
     return done
 
 
-def _state(config: TritPlaneConfig, tokens: torch.Tensor, damp: float, model_dir) -> dict:
+def _state(config: TritPlaneConfig, tokens: torch.Tensor, damp: float, model_dir, feedback: bool) -> dict:
     """What a resumed calibrated run must share with the one it continues."""
     import hashlib
 
     from ._version import __version__
 
-    return {"ptqtp_version": __version__, "config": config.to_dict(), "damp": damp, "model": str(model_dir),
+    return {"ptqtp_version": __version__, "config": config.to_dict(), "damp": damp, "feedback": feedback,
+            "model": str(model_dir),
             "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
             "tokens_shape": list(tokens.shape)}
 
@@ -452,7 +544,8 @@ def _compute_dtype(model_dir, device: torch.device) -> torch.dtype:
 def quantize_checkpoint_calibrated(model, out, config: TritPlaneConfig | None = None, calib: str = "boolq",
                                    calib_samples: int = 128, calib_seq_len: int = 2048, *, resume: bool = False,
                                    overwrite: bool = False, max_shard_size="5GB", show_progress: bool = True,
-                                   revision: str | None = None, damp: float = DEFAULT_DAMP) -> dict:
+                                   revision: str | None = None, damp: float = DEFAULT_DAMP,
+                                   feedback: bool = DEFAULT_FEEDBACK) -> dict:
     """`ptqtp quantize MODEL -o OUT --calib FILE`: calibrated trit-planes, written in the ordinary ptqtp format.
 
     The model is loaded on CPU (float32 there; its own dtype when layers run on CUDA), calibrated layer by
@@ -468,7 +561,8 @@ def quantize_checkpoint_calibrated(model, out, config: TritPlaneConfig | None = 
         calib: calibration text: .txt / .jsonl file, or "boolq" for the bundled BoolQ passages.
         calib_samples, calib_seq_len: number and length of the calibration sequences.
         resume, overwrite, max_shard_size, show_progress, revision: as for `quantize_checkpoint`.
-        damp: Hessian damping, fraction of its mean diagonal.
+        damp: Hessian damping, fraction of its mean diagonal (used with feedback).
+        feedback: GPTQ error feedback (act-order, static groups) on top of weighted scales and refit.
     Returns:
         The report written to OUT/ptqtp_report.json, with a `calibration` entry added.
     """
@@ -511,7 +605,7 @@ def quantize_checkpoint_calibrated(model, out, config: TritPlaneConfig | None = 
 
     tokenizer = AutoTokenizer.from_pretrained(src)
     tokens = load_calibration_tokens(calib_path, tokenizer, calib_samples, calib_seq_len)  # (n, seq_len)
-    state = _state(config, tokens, damp, src)
+    state = _state(config, tokens, damp, src, feedback)
     done = {}
     if resume and (partial / _STATE_NAME).is_file():
         if json.loads((partial / _STATE_NAME).read_text()) != state:
@@ -529,7 +623,7 @@ def quantize_checkpoint_calibrated(model, out, config: TritPlaneConfig | None = 
         bar.set_description("calibrate")
         bar.update(sum(len(v) for v in done.values()))
     try:
-        planes = calibrate_model(hf_model, tokens, config, device=device, damp=damp, done=done,
+        planes = calibrate_model(hf_model, tokens, config, device=device, damp=damp, feedback=feedback, done=done,
                                  on_layer=lambda r: _save_layer(partial, r),
                                  on_linear=lambda name: (bar.set_postfix_str(name[-40:], refresh=False),
                                                          bar.update(1)))
@@ -545,7 +639,8 @@ def quantize_checkpoint_calibrated(model, out, config: TritPlaneConfig | None = 
                                           show_progress=show_progress,
                                           planes={f"{name}.weight": tp for name, tp in planes.items()})
     report["calibration"] = {"file": str(calib_path), "samples": calib_samples, "seq_len": calib_seq_len,
-                             "damp": damp, "linears": len(planes), "calibration_seconds": round(calib_seconds, 2),
+                             "damp": damp, "feedback": feedback, "weighted_scales": True, "refit_scales": True,
+                             "act_order": feedback, "linears": len(planes), "calibration_seconds": round(calib_seconds, 2),
                              "wall_seconds": round(time.perf_counter() - t_start, 2)}
     ckpt.atomic_write_json(out / pipeline.REPORT_NAME, report)
     shutil.rmtree(partial, ignore_errors=True)

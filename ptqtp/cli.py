@@ -40,8 +40,13 @@ def _add_quantize(sub):
     p.add_argument("--max-iters", type=int, default=50, help="cap on solver rounds per group (default 50)")
     p.add_argument("--tol", type=float, default=1e-4, help="stop when no scale moves more than this (default 1e-4)")
     p.add_argument("--calib", default=None, metavar="FILE|NAME",
-                   help="calibration text (plain text or JSONL with a text field): enables GPTQ-style error "
-                   "feedback; without it quantization is calibration-free and streaming")
+                   help="calibration text (plain text or JSONL with a text field, or 'boolq' for the bundled "
+                   "passages): fits every Linear to its input statistics (importance-weighted scales, Hessian "
+                   "refit); without it quantization is calibration-free and streaming")
+    p.add_argument("--calib-feedback", action="store_true",
+                   help="with --calib, also feed each column's error forward (GPTQ, act-order, static groups)")
+    p.add_argument("--calib-damp", type=float, default=None,
+                   help="with --calib-feedback, Hessian damping as a fraction of its mean diagonal (default 1.0)")
     p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
     p.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")

@@ -536,11 +536,20 @@ def run_quantize_cli(args) -> int:
         except ImportError:
             raise BadOptionError("--calib needs ptqtp.calibration, which this install lacks; drop --calib for "
                                  "calibration-free quantization.") from None
+        from .calibration import DEFAULT_DAMP
+
+        damp = DEFAULT_DAMP if getattr(args, "calib_damp", None) is None else args.calib_damp
+        if not damp > 0:
+            raise BadOptionError(f"--calib-damp must be a number > 0, got {damp}; try 1.0.")
         quantize_checkpoint_calibrated(args.model, args.output, config, args.calib, args.calib_samples,
                                        args.calib_seq_len, resume=args.resume, overwrite=args.overwrite,
                                        max_shard_size=args.max_shard_size, show_progress=not args.quiet,
-                                       revision=args.revision)
+                                       revision=args.revision, damp=damp,
+                                       feedback=bool(getattr(args, "calib_feedback", False)))
         return 0
+    if getattr(args, "calib_feedback", False) or getattr(args, "calib_damp", None) is not None:
+        raise BadOptionError("--calib-feedback and --calib-damp need --calib (calibration text); add --calib boolq "
+                             "or drop them.")
     for flag, value in (("--calib-samples", args.calib_samples), ("--calib-seq-len", args.calib_seq_len)):
         if value is not None and value < 1:
             raise BadOptionError(f"{flag} must be a positive integer, got {value}.")

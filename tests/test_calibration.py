@@ -57,12 +57,72 @@ def test_column_updates_equal_the_direct_gptq_recursion(out_f, in_f, group):
     x = torch.randn(4 * in_f, in_f, generator=g, dtype=torch.float64) @ torch.randn(in_f, in_f, generator=g,
                                                                                        dtype=torch.float64)
     h = x.T @ x / x.shape[0]  # correlated inputs, so the feedback moves weights a lot
-    tp = gptq_trit_planes(w, h, group_size=group, damp=0.01)
+    tp = gptq_trit_planes(w, h, group_size=group, damp=0.01, act_order=False, weighted_scales=False,
+                          refit_scales=False, feedback=True)
     want_q, want_scales = _gptq_direct(w, h, group, 0.01)
     torch.testing.assert_close(tp.scales.to(torch.float64), want_scales, rtol=0, atol=0)
     torch.testing.assert_close(tp.dequantize(torch.float64), want_q, rtol=0, atol=1e-12)
     assert tp.planes.dtype == torch.int8 and set(tp.planes.unique().tolist()) <= {-1, 0, 1}
     assert torch.equal(tp.scales, tp.scales.half().float()), "scales must be what fp16 storage holds"
+
+
+def _gptq_direct_act_order(w: torch.Tensor, h: torch.Tensor, group_size: int, damp: float):
+    """The same recursion visiting columns by decreasing H diagonal, every group's scales fixed up front by the
+    H-diagonal-weighted solver on the original weights (static groups)."""
+    n = w.shape[1]
+    scales = ptqtp.decompose(w.float(), group_size=group_size, column_weights=h.diagonal().float()).scales
+    scales = scales.to(torch.float64)  # (2, out, G)
+    order = torch.argsort(h.diagonal(), descending=True, stable=True).tolist()
+    w = w.clone()
+    hinv = torch.linalg.inv(h + damp * h.diagonal().mean() * torch.eye(n, dtype=h.dtype))
+    q_all = torch.zeros_like(w)
+    for j, q in enumerate(order):
+        q_all[:, q] = _nearest(w[:, q], scales[:, :, q // group_size])
+        err = (w[:, q] - q_all[:, q]) / hinv[q, q]
+        rest = order[j:]
+        w[:, rest] -= err.unsqueeze(1) * hinv[q, rest].unsqueeze(0)
+        hinv = hinv - torch.outer(hinv[:, q], hinv[q, :]) / hinv[q, q]
+    return q_all, scales
+
+
+@pytest.mark.parametrize("out_f,in_f,group", [(6, 20, 8), (5, 13, 13), (4, 80, 64)])
+def test_act_order_updates_equal_the_direct_recursion_in_that_order(out_f, in_f, group):
+    g = torch.Generator().manual_seed(in_f + 1)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    x = torch.randn(4 * in_f, in_f, generator=g, dtype=torch.float64) @ torch.randn(in_f, in_f, generator=g,
+                                                                                       dtype=torch.float64)
+    x = x * torch.rand(in_f, generator=g, dtype=torch.float64) * 3  # unequal input scales: a real ordering
+    h = x.T @ x / x.shape[0]
+    tp = gptq_trit_planes(w, h, group_size=group, damp=0.01, refit_scales=False, feedback=True)
+    want_q, want_scales = _gptq_direct_act_order(w, h, group, 0.01)
+    torch.testing.assert_close(tp.scales.to(torch.float64), want_scales, rtol=0, atol=0)
+    torch.testing.assert_close(tp.dequantize(torch.float64), want_q, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("feedback", [False, True])
+def test_scale_refit_is_the_h_norm_least_squares_and_never_worse(feedback):
+    """With the trits fixed, the refit scales solve min (w - q)^T H (w - q) per row (checked against lstsq on
+    X), up to fp16 rounding, and never raise the H error of a row."""
+    g = torch.Generator().manual_seed(3)
+    out_f, in_f, group = 5, 40, 16
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    x = torch.randn(200, in_f, generator=g, dtype=torch.float64) * torch.rand(in_f, generator=g, dtype=torch.float64)
+    h = x.T @ x / x.shape[0]
+    before = gptq_trit_planes(w, h, group_size=group, refit_scales=False, feedback=feedback)
+    after = gptq_trit_planes(w, h, group_size=group, feedback=feedback)
+    assert torch.equal(before.planes, after.planes), "the refit changes scales only"
+    herr = lambda tp: ((w - tp.dequantize(torch.float64)) @ h * (w - tp.dequantize(torch.float64))).sum(1)  # noqa: E731
+    assert bool((herr(after) <= herr(before) + 1e-12).all())
+    assert float(herr(after).sum()) < 0.99 * float(herr(before).sum())
+    t = before.planes.to(torch.float64)  # (2, out, in)
+    for r in range(out_f):
+        design = torch.stack([t[k, r] * ((torch.arange(in_f) // group) == gi) for k in range(2)
+                              for gi in range(3)], dim=1)  # (in, 2G)
+        sol = torch.linalg.lstsq(x @ design, x @ w[r]).solution  # (2G,)
+        want = sol.view(2, 3).to(torch.float16).to(torch.float64)
+        if bool((herr(after)[r] < herr(before)[r])):
+            torch.testing.assert_close(after.scales[:, r].to(torch.float64), want, rtol=2e-3, atol=1e-6)
+    assert torch.equal(after.scales, after.scales.half().float())
 
 
 def test_feedback_lowers_output_error_on_correlated_inputs():
@@ -71,10 +131,14 @@ def test_feedback_lowers_output_error_on_correlated_inputs():
     w = torch.randn(32, 256, generator=g)
     x = torch.randn(1024, 256, generator=g) @ torch.randn(256, 256, generator=g) * 0.2 + torch.randn(1024, 256,
                                                                                                    generator=g)
-    cal = gptq_trit_planes(w, x.T @ x / x.shape[0], group_size=128)
+    h = x.T @ x / x.shape[0]
     free = ptqtp.decompose(w, group_size=128)
-    out_err = lambda tp: float(torch.linalg.norm(x @ (w - tp.dequantize()).T))  # noqa: E731
-    assert out_err(cal) < 0.85 * out_err(free)
+    out_err = lambda tp, x: float(torch.linalg.norm(x @ (w - tp.dequantize()).T))  # noqa: E731
+    assert out_err(gptq_trit_planes(w, h, group_size=128, feedback=True, damp=0.01), x) < 0.85 * out_err(free, x)
+    # the default (no feedback) gains where input channels differ in scale, as LLM activations do
+    x2 = torch.randn(1024, 256, generator=g) * torch.rand(256, generator=g) ** 3 * 5
+    h2 = x2.T @ x2 / x2.shape[0]
+    assert out_err(gptq_trit_planes(w, h2, group_size=128), x2) < 0.95 * out_err(free, x2)
 
 
 def test_dead_inputs_get_zero_weight_and_zero_hessian_is_not_fatal():
