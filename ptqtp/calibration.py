@@ -1,32 +1,37 @@
-"""Calibrated quantization (`--calib`): GPTQ-style error feedback on trit-planes.
+"""Calibrated quantization (`--calib`): trit-planes fit to each Linear's input statistics.
 
-Calibration-free ptqtp fits every (row, group) to its own weights. Here a little real text tells which input
-directions matter: per decoder layer, in order, the calibration activations run through the already-quantized
-earlier layers, each Linear's input Hessian H = X^T X / n is collected, and the weight is quantized column by
-column to the 9-level trit-plane grid of its row and group {0, +-a1, +-a2, +-(a1+a2), +-(a1-a2)}, each
-column's rounding error fed forward onto the columns not yet quantized through the Cholesky factor of H^-1
-(GPTQ, Frantar et al. 2022). The output is the ordinary ptqtp format: only the trits and scales differ.
+Calibration-free ptqtp fits every (row, group) to its own weights, every column counted alike. Here a little
+real text tells which input directions matter: per decoder layer, in order, the calibration activations run
+through the already-quantized earlier layers, each Linear's input Hessian H = X^T X / n is collected, and the
+weight is quantized against it. The output is the ordinary ptqtp format: only the trits and scales differ.
 
-Choices, and why:
-- Natural column order, no act-order. Groups are the storage format's contiguous slices of `group_size`
-  columns; act-order would visit a group's columns at scattered times, so its scales would have to be fixed
-  before most of its feedback arrived (static groups).
-- Lazy batch updates (GPTQ) in blocks of 32 columns that never straddle a group: a block's accumulated
-  error is pushed onto all later columns with one matmul when the block ends, so every earlier column's
-  error is already folded into a group when it starts, and its scales are fit on the fully updated weights.
-  32 rather than GPTQ's 128: each one-column update inside a block costs O(out x block), and those small
-  updates, not the matmuls, dominate the time on CPU.
-- Linears reading the same input (q/k/v, gate/up) share one Hessian and are solved as one matrix with
-  their rows stacked: GPTQ treats rows independently given H, so this changes nothing but the speed.
-- Scales: the calibration-free solver (`solver.decompose`, same method and iteration limits as the config)
-  on the updated group, rounded to fp16 as stored; the trits are then chosen column by column against those
-  stored scales. No refit after the trits are chosen: the feedback already moved each column's error onto
-  later columns, and refitting would undo that bookkeeping.
-- Damping 1% of the mean Hessian diagonal (raised x10 if the Cholesky still fails); inputs that never fire
-  (zero diagonal) get weight 0, as in GPTQ.
-- The Hessians of all Linears of a layer come from one pass over the calibration set through the layer
-  (inputs from quantized earlier layers, full-precision Linears within the layer), then a second pass
-  through the quantized layer produces the next layer's inputs: two forward passes per layer.
+What is done with H (all three are options of `gptq_trit_planes`; the defaults are what measured best):
+1. Importance-weighted scales (default on): each (row, group) pair of scales minimises
+   sum_c H_cc (w_c - q_c)^2, the diagonal of H as column weights (`solver.decompose(column_weights=...)`).
+   LLM inputs have a few channels with activations 100-1000x the median; the plain fit spends its two levels
+   on the bulk of the weights and rounds the few columns that carry those channels badly.
+2. Hessian refit (default on): with the trits fixed, each row's 2G scales are solved by least squares in the
+   full H norm (w - q)^T H (w - q), a (2G x 2G) system per row, kept only where it does not raise the error
+   after fp16 rounding.
+3. GPTQ error feedback (`--calib-feedback`, default off): columns visited by decreasing H diagonal
+   (act-order), every group's scales fixed up front (static groups, from step 1), each column's rounding
+   error fed onto the columns not yet visited through the Cholesky factor of H^-1 (Frantar et al. 2022),
+   lazy batch updates in blocks of 32 columns; step 2 then refits the scales. `act_order=False` gives plain
+   GPTQ (natural order, a group's scales fit on its updated weights when it starts).
+
+Measured on SmolLM2-135M (eval/CALIBRATED.md; 16 x 2048 BoolQ tokens, WikiText-2 8 x 2048 windows, full
+precision 19.26, calibration-free 54.60): plain GPTQ (natural order, unweighted scales, damping 0.01) 83.5 with
+Hessians of the full-precision model and 51.1 sequentially; weighted scales alone 32.4; weighted + refit 30.0;
+weighted + act-order feedback + refit 34.4 at damping 0.01, 30.8 at 3, 30.2 at 10. Feedback lowers the
+layer-wise H error 2-3x but not perplexity: with this little text its off-diagonal use of H overfits the
+calibration set (heavier damping, which pulls it toward no feedback, helps monotonically). So feedback is
+off by default, and its damping default is 1.0 of the mean diagonal (raised x10 if the Cholesky fails).
+
+Other choices: Linears reading the same input (q/k/v, gate/up) share one Hessian and are solved as one matrix
+with their rows stacked (rows are independent given H). Inputs that never fire (zero diagonal) get weight 0.
+The Hessians of a layer come from one pass over the calibration set through it (inputs from quantized earlier
+layers, full-precision Linears within the layer); a second pass through the quantized layer produces the next
+layer's inputs.
 
 Memory: the model stays on CPU; one decoder layer at a time moves to the compute device, and the calibration
 activations (samples x seq_len x hidden) stay on CPU, one sample moved at a time. Resume is at layer

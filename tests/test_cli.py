@@ -23,7 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # The flags each issue promises; `--help` must list all of them.
 DOCUMENTED_FLAGS = {
     "quantize": ["-o", "--group-size", "--method", "--device", "--skip", "--resume", "--overwrite",
-                 "--max-shard-size", "--max-iters", "--tol", "--calib", "--calib-samples", "--calib-seq-len"],
+                 "--max-shard-size", "--max-iters", "--tol", "--calib", "--calib-samples", "--calib-seq-len",
+                 "--calib-feedback", "--calib-damp"],
     "eval": ["--ppl", "--seq-len", "--max-windows", "--tasks", "--limit", "--batch-size", "--device", "--output"],
     "generate": ["--max-new-tokens", "--device", "--dtype"],
     "info": [],

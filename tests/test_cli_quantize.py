@@ -197,6 +197,8 @@ def test_disk_full_is_one_line_and_leaves_no_partial_file(tiny_model_dir, tmp_pa
     (["--skip", "(unclosed"], "is not a valid regex"),
     (["--max-iters", "0"], "max_iters must be a positive integer"),
     (["--resume", "--overwrite"], "contradict"),
+    (["--calib-feedback"], "need --calib"),
+    (["--calib", "boolq", "--calib-damp", "0"], "--calib-damp must be a number > 0"),
 ])
 def test_bad_option_values(argv, expect, tiny_model_dir, tmp_path, capsys):
     msg = _run_error(capsys, [tiny_model_dir("llama"), "-o", tmp_path / "q", *argv])
