@@ -25,12 +25,13 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-METHODS = ("fp", "ptqtp", "paper", "rtn-ternary", "rtn-int2", "rtn-int3")
+METHODS = ("fp", "ptqtp", "ptqtp-calib", "paper", "rtn-ternary", "rtn-int2", "rtn-int3")
 BASELINES = {"rtn-ternary", "rtn-int2", "rtn-int3"}
 TASKS = ("arc_easy", "piqa", "boolq", "lambada_openai")
 TASK_TITLES = {"arc_easy": "ARC-Easy", "piqa": "PIQA", "boolq": "BoolQ", "lambada_openai": "LAMBADA",
                "gsm8k": "GSM8K"}
-LABELS = {"fp": "full precision", "ptqtp": "ptqtp (default)", "paper": "paper (Algorithm 1)",
+LABELS = {"fp": "full precision", "ptqtp": "ptqtp (default)", "ptqtp-calib": "ptqtp --calib boolq",
+          "paper": "paper (Algorithm 1)",
           "rtn-ternary": "RTN ternary (baseline)", "rtn-int2": "RTN int2 asym (baseline)",
           "rtn-int3": "RTN int3 asym (baseline)"}
 
@@ -62,8 +63,12 @@ def _quantize(model: pathlib.Path, method: str, args, work: pathlib.Path) -> dic
     done = out / "ptqtp_report.json"
     if args.reuse and done.is_file() and (work / f"quantize-{method}.json").is_file():
         return json.loads((work / f"quantize-{method}.json").read_text())
-    cmd = [sys.executable, "-m", "ptqtp", "quantize", str(model), "-o", str(out), "--method", method,
+    cmd = [sys.executable, "-m", "ptqtp", "quantize", str(model), "-o", str(out),
+           "--method", "ptqtp" if method == "ptqtp-calib" else method,
            "--group-size", str(args.group_size), "--device", args.device, "--overwrite"]
+    if method == "ptqtp-calib":  # calibration text is BoolQ passages, never the WikiText it is evaluated on
+        cmd += ["--calib", "boolq", "--calib-samples", str(args.calib_samples),
+                "--calib-seq-len", str(args.calib_seq_len)]
     wall = _run(cmd, work / f"quantize-{method}.log")
     report = json.loads(done.read_text()) if done.is_file() else {}
     info = {"dir": str(out), "command": shlex.join(cmd), "wall_seconds": round(wall, 2),
@@ -178,8 +183,8 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
         "",
         f"![perplexity vs bits per weight]({plot})",
         "",
-        "Calibrated mode (`--calib`, GPTQ-style error feedback on the trit-planes) is measured separately, "
-        "with its calibration text and settings: [CALIBRATED.md](CALIBRATED.md).",
+        "Calibrated mode (`--calib`: Hessian-weighted scales and refit from BoolQ passages) and its ablation: "
+        "[CALIBRATED.md](CALIBRATED.md).",
         "",
         "Per-model JSON (every number with its versions, seed, dtype and wall time) is written to the work "
         "folder given by `--work-dir`.",
@@ -240,6 +245,8 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=str(ROOT / "eval" / "RESULTS.md"))
     ap.add_argument("--plot", default=str(ROOT / "eval" / "ppl_vs_bits.png"))
     ap.add_argument("--reuse", action="store_true", help="reuse quantized models and eval JSON in --work-dir")
+    ap.add_argument("--calib-samples", type=int, default=128, help="ptqtp-calib: BoolQ sequences (default 128)")
+    ap.add_argument("--calib-seq-len", type=int, default=2048, help="ptqtp-calib: tokens per sequence")
     args = ap.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
