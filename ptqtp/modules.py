@@ -75,8 +75,15 @@ class TritPlaneLinear(nn.Module):
         return PackedTritPlanes(self.weight, self.weight_scale, self.in_features, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out)
-        op = ops.trit_linear if torch.compiler.is_compiling() else ops.trit_linear_eager
-        return op(x, self.weight, self.weight_scale, self.bias, self.group_size, self.in_features)
+        if torch.compiler.is_compiling():
+            return ops.trit_linear(x, self.weight, self.weight_scale, self.bias, self.group_size, self.in_features)
+        # eager decode calls this hundreds of times per token: read the buffers from their dict (Module's
+        # __getattr__ costs ~0.7 us an attribute); a name moved out of the buffers is still found the slow way
+        bufs = self._buffers
+        weight = bufs["weight"] if "weight" in bufs else self.weight
+        scales = bufs["weight_scale"] if "weight_scale" in bufs else self.weight_scale
+        bias = bufs["bias"] if "bias" in bufs else self.bias
+        return ops.trit_linear_eager(x, weight, scales, bias, self.group_size, self.in_features)
 
     def _apply(self, fn, recurse=True):
         # Keep the fp16 scales bit-exact under dtype casts (see the module docstring) while still letting them

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import os
-
 import torch
 
 from . import backends
 from . import format as fmt
 from .backends import KernelSpec, kernel_kind, select_backend
+from .backends.base import env_reader
 from .backends.reference import trit_linear_reference
 from .errors import BadOptionError, CorruptCheckpointError
 
@@ -53,11 +52,12 @@ def _check(x, packed, scales, bias, group_size: int, in_features: int) -> None:
 _CHECKED: set[tuple] = set()  # call signatures (shapes, dtypes, sizes) that passed _check
 _ENV: dict[tuple, tuple] = {}  # raw (PTQTP_BACKEND, PTQTP_DISABLED_BACKENDS) -> as select_backend parses them
 _CHOICE: dict[tuple, tuple] = {}  # call key -> (select_backend's cache key, backend)
+_raw_env = env_reader(backends.ENV_FORCE, backends.ENV_DISABLED)
 
 
 def _backend_for(device: str, dtype: torch.dtype, m: int, n: int, k: int, group_size: int):
     """`select_backend` for one call, without building a KernelSpec while its cached choice stands."""
-    raw = (os.environ.get(backends.ENV_FORCE), os.environ.get(backends.ENV_DISABLED))
+    raw = _raw_env()
     kind = kernel_kind(m)
     key = (device, dtype, kind, n, k, group_size, raw)
     hit = _CHOICE.get(key)
@@ -90,13 +90,16 @@ def trit_linear_eager(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
         _check(x, packed, scales, bias, group_size, in_features)
         _CHECKED.add(sig)
     n = packed.shape[-2]
-    x2 = x if len(shape) == 2 else x.reshape(-1, in_features)  # (M, K)
-    m = x2.shape[0]
+    flat = len(shape) == 2
+    m = shape[0] if flat else x.numel() // in_features
     if m == 0:
         return x.new_empty((*shape[:-1], n))
     backend = _backend_for(x.device.type, x.dtype, m, n, in_features, group_size)
+    if backend.takes_nd:
+        return backend.linear(x, packed, scales, bias, group_size, in_features)  # (..., N), fresh and dense
+    x2 = x if flat else x.reshape(-1, in_features)  # (M, K)
     y = backend.linear(x2, packed, scales, bias, group_size, in_features).contiguous()  # (M, N)
-    return y if len(shape) == 2 else y.view(*shape[:-1], n)  # fresh, dense: what the fake promises
+    return y if flat else y.view(*shape[:-1], n)  # fresh, dense: what the fake promises
 
 
 # The registered op is the eager body behind torch.library, so torch.compile and CUDA graphs see one opaque

@@ -9,9 +9,13 @@ the weights cannot stay in the last-level cache (CPU) or L2 (GPU) between calls.
     python scripts/bench_kernels.py --quick                 # 4096x4096 and 576x1536, M = 1, 8
     python scripts/bench_kernels.py --device cuda           # the full table of the issue
     python scripts/bench_kernels.py --shapes 4096x4096 --m 1 --backends cpu
+    python scripts/bench_kernels.py --device cpu --shapes 4096x4096 --m 1 --isas avx512 avx2 generic
 
-Prints a markdown table (the format of eval/KERNELS.md). Timings on a shared machine are noisy: compare ratios
-from one run only.
+The quantized side is timed through `ops.trit_linear_eager`, the body an eager `TritPlaneLinear` call runs (the
+registered custom op's wrapper adds tens of microseconds per call and is only on the path of compiled graphs).
+With --isas, the cpu backend is timed once per CPU kernel ISA (PTQTP_CPU_ISA; ISAs this CPU lacks are reported,
+not timed). Prints a markdown table (the format of eval/KERNELS.md). Timings on a shared machine are noisy:
+compare ratios from one run only.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ QUICK_SHAPES = [(4096, 4096), (576, 1536)]
 QUICK_MS = [1, 8]
 CACHE_BYTES = {"cpu": 64 << 20, "cuda": 64 << 20}  # at least the LLC / L2 of the machines we bench on
 GROUP = 128
+ISA_ENV = "PTQTP_CPU_ISA"
 
 
 def _parse_shape(s: str) -> tuple[int, int]:
@@ -56,6 +61,13 @@ def _time_calls(fn, n_layers: int, dev: str, min_time: float, max_iters: int) ->
         elapsed = time.perf_counter() - t0
         if elapsed >= min_time or calls >= max_iters * n_layers:
             return elapsed / calls
+
+
+def _cpu_isa() -> str:
+    """The CPU kernel ISA an unforced call uses (avx512, avx2, generic), for the table's backend column."""
+    from ptqtp.backends import cpu
+
+    return cpu.isa()
 
 
 def _copy_bandwidth(dev: str) -> float:
@@ -96,9 +108,10 @@ def main(argv=None) -> None:
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds per measurement")
     ap.add_argument("--max-iters", type=int, default=50, help="passes over the layers per measurement")
     ap.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
+    ap.add_argument("--isas", nargs="*", help="cpu backend: time these kernel ISAs (avx512 avx2 generic; default auto)")
     args = ap.parse_args(argv)
 
-    from ptqtp import backends, ops
+    from ptqtp import backends, layouts, ops
 
     dev = args.device
     if args.threads:
@@ -108,6 +121,12 @@ def main(argv=None) -> None:
     dense_dtypes = (torch.float32, torch.bfloat16) if dev == "cpu" else (torch.float16, torch.bfloat16)
     names = args.backends or [n for n, (ok, _) in backends.available().items()
                               if ok and n != "reference" and not (dev == "cpu" and n in ("triton", "cuda"))]
+    runs = []  # (table label, backend, PTQTP_CPU_ISA or None)
+    for name in names:
+        if name == "cpu" and args.isas:
+            runs += [(f"cpu ({isa})", name, isa) for isa in args.isas]
+        else:
+            runs.append((f"cpu ({_cpu_isa()})" if name == "cpu" else name, name, None))
     peak = _copy_bandwidth(dev)
     where = torch.cuda.get_device_name() if dev == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     print(f"# trit_linear vs dense F.linear on {where}; copy bandwidth {peak:.1f} GB/s; group {GROUP}; "
@@ -130,24 +149,28 @@ def main(argv=None) -> None:
                 x = torch.randn(m, n_in, device=dev).to(dt)
                 base[dt] = _time_calls(lambda i, x=x, dt=dt: torch.nn.functional.linear(x, dense[dt][i % dense_n]),
                                        dense_n, dev, args.min_time, args.max_iters)
-            for name in names:
+            for label, name, isa in runs:
                 os.environ[backends.ENV_FORCE] = name
+                if isa:
+                    os.environ[ISA_ENV] = isa
                 backends.clear_cache()
                 for dt in dense_dtypes:
                     x = torch.randn(m, n_in, device=dev).to(dt)
                     try:
-                        sec = _time_calls(lambda i, x=x: ops.trit_linear(x, *quant[i], None, GROUP, n_in),
+                        sec = _time_calls(lambda i, x=x: ops.trit_linear_eager(x, *quant[i], None, GROUP, n_in),
                                           n_layers, dev, args.min_time, args.max_iters)
                     except Exception as err:  # a backend that cannot run this shape: say so in the table
-                        print(f"| {n_out}x{n_in} | {m} | {name} | {str(dt).removeprefix('torch.')} | "
+                        print(f"| {n_out}x{n_in} | {m} | {label} | {str(dt).removeprefix('torch.')} | "
                               f"cannot run: {str(err).splitlines()[0][:80]} |")
                         continue
                     gbs = q_bytes / sec / 1e9
-                    print(f"| {n_out}x{n_in} | {m} | {name} | {str(dt).removeprefix('torch.')} | {sec * 1e3:.3f} | "
+                    print(f"| {n_out}x{n_in} | {m} | {label} | {str(dt).removeprefix('torch.')} | {sec * 1e3:.3f} | "
                           f"{base[dense_dtypes[0]] * 1e3:.3f} | {base[dense_dtypes[1]] * 1e3:.3f} | "
                           f"{base[dense_dtypes[0]] / sec:.2f} | {base[dense_dtypes[1]] / sec:.2f} | {gbs:.1f} | "
                           f"{100 * gbs / peak:.0f} |", flush=True)
                 os.environ.pop(backends.ENV_FORCE, None)
+                os.environ.pop(ISA_ENV, None)
+        layouts.clear_cache()  # runtime layouts of this shape's layers: free them before the next shape
         del quant, dense
 
 

@@ -21,12 +21,17 @@ float* scratch(std::vector<float>& buf, int64_t count) {
 }
 thread_local std::vector<float> tl_x, tl_y, tl_tables, tl_partial;
 
-// x (M, K) as float32 rows: the tensor itself when it already is (row stride returned), else a converted copy
-const float* x_as_float(const torch::Tensor& x, int64_t& stride) {
-  const int64_t m = x.size(0), k = x.size(1);
-  if (x.scalar_type() == torch::kFloat32 && x.stride(1) == 1) {
-    stride = x.stride(0);
-    return x.data_ptr<float>();
+// x (..., K) as M float32 rows: the tensor itself when it already is (row stride returned), else a converted copy
+const float* x_as_float(const torch::Tensor& x, int64_t m, int64_t k, int64_t& stride) {
+  if (x.scalar_type() == torch::kFloat32) {
+    if (x.is_contiguous()) {
+      stride = k;
+      return x.data_ptr<float>();
+    }
+    if (x.dim() == 2 && x.stride(1) == 1) {
+      stride = x.stride(0);
+      return x.data_ptr<float>();
+    }
   }
   float* dst = scratch(tl_x, m * k);
   stride = k;
@@ -41,17 +46,24 @@ const float* x_as_float(const torch::Tensor& x, int64_t& stride) {
     const auto* src = xc.data_ptr<at::Half>();
     for (int64_t i = 0; i < m * k; ++i) dst[i] = static_cast<float>(src[i]);
   } else {
-    const auto xf = xc.to(torch::kFloat32);
-    std::memcpy(dst, xf.data_ptr<float>(), m * k * sizeof(float));
+    std::memcpy(dst, xc.data_ptr<float>(), m * k * sizeof(float));
   }
   return dst;
 }
 
-// y (M, N) in dtype: float32 outputs are written by the kernel in place; others go through a float scratch
+// y (..., N) in dtype, from x (..., K): float32 outputs are written by the kernel in place; others go through a
+// float scratch
+std::vector<int64_t> out_shape(const torch::Tensor& x, int64_t n) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  return shape;
+}
+
 struct Output {
   torch::Tensor y;
   float* f32;
-  Output(int64_t m, int64_t n, torch::ScalarType dtype) : y(torch::empty({m, n}, torch::dtype(dtype))) {
+  Output(const std::vector<int64_t>& shape, int64_t m, int64_t n, torch::ScalarType dtype)
+      : y(torch::empty(shape, torch::dtype(dtype))) {
     f32 = dtype == torch::kFloat32 ? y.data_ptr<float>() : scratch(tl_y, m * n);
   }
   torch::Tensor finish() {
@@ -68,7 +80,7 @@ struct Output {
 };
 
 void check_x(const torch::Tensor& x, int64_t k, const char* who) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, who, ": x must be (M, ", k, "), got ", x.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, who, ": x must be (..., ", k, "), got ", x.sizes());
   const auto t = x.scalar_type();
   TORCH_CHECK(t == torch::kFloat32 || t == torch::kBFloat16 || t == torch::kHalf, who,
               ": x must be float32, bfloat16 or float16, got ", t);
@@ -82,9 +94,10 @@ const float* bias_f32(const c10::optional<torch::Tensor>& bias, int64_t n, torch
 }
 
 torch::Tensor gemv_lut3_op(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
-                        const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t group_size,
-                        bool allow_avx2) {
+                           const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t group_size,
+                           bool allow_avx2) {
   check_x(x, k, "ptqtp gemv_lut3");
+  const int64_t m = x.numel() / k;
   TORCH_CHECK(codes.dim() == 6 && codes.scalar_type() == torch::kInt32 && codes.is_contiguous() &&
                   codes.size(2) == 2 && codes.size(3) == 2 && codes.size(5) == kRowsPerBlock,
               "ptqtp gemv_lut3: codes must be contiguous int32 (R, G, 2, 2, W, 8), got ", codes.sizes());
@@ -98,12 +111,11 @@ torch::Tensor gemv_lut3_op(const torch::Tensor& x, const torch::Tensor& codes, c
   torch::Tensor bias_keep;
   const float* bp = bias_f32(bias, n, bias_keep);
   int64_t xs = 0;
-  const float* xp = x_as_float(x, xs);
-  const int64_t m = x.size(0);
+  const float* xp = x_as_float(x, m, k, xs);
   const int64_t slots = words * kChunksPerWord;
   float* tp = scratch(tl_tables, m * groups * slots * 8);
   for (int64_t t = 0; t < m; ++t) build_tables(xp + t * xs, k, group_size, groups, words, tp + t * groups * slots * 8);
-  Output out(m, n, x.scalar_type());
+  Output out(out_shape(x, n), m, n, x.scalar_type());
   const bool avx2 = allow_avx2 && cpu_best_isa() >= kAvx2;
   const int32_t* cp = codes.data_ptr<int32_t>();
   const float* sp = scales.data_ptr<float>();
@@ -115,9 +127,10 @@ torch::Tensor gemv_lut3_op(const torch::Tensor& x, const torch::Tensor& codes, c
 }
 
 torch::Tensor gemv_lut27_op(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
-                         const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t group_size,
-                         bool tail_in_spare, int64_t tile_bytes) {
+                            const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t group_size,
+                            bool tail_in_spare, int64_t tile_bytes, int64_t min_work) {
   check_x(x, k, "ptqtp gemv_lut27");
+  const int64_t m = x.numel() / k;
   TORCH_CHECK(cpu_best_isa() >= kAvx512, "ptqtp gemv_lut27: this CPU (or this build) has no AVX-512F/BW");
   TORCH_CHECK(codes.dim() == 5 && codes.scalar_type() == torch::kInt32 && codes.is_contiguous() &&
                   codes.size(2) == 2 && codes.size(4) == kLut27Rows,
@@ -134,13 +147,12 @@ torch::Tensor gemv_lut27_op(const torch::Tensor& x, const torch::Tensor& codes, 
                   scales.size(0) == r16 && scales.size(1) == groups && scales.size(2) == 2 &&
                   scales.size(3) == kLut27Rows,
               "ptqtp gemv_lut27: scales must be contiguous float16 (R16, G, 2, 16), got ", scales.sizes());
-  const int64_t m = x.size(0);
   TORCH_CHECK(m >= 1 && m <= kLut27MaxTokens, "ptqtp gemv_lut27: M=", m, " tokens, the decode kernel takes 1..",
               kLut27MaxTokens);
   torch::Tensor bias_keep;
   Lut27Problem p{};
   p.bias = bias_f32(bias, n, bias_keep);
-  p.x = x_as_float(x, p.x_stride);
+  p.x = x_as_float(x, m, k, p.x_stride);
   p.codes = codes.data_ptr<int32_t>();
   p.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
   p.m = m;
@@ -153,10 +165,14 @@ torch::Tensor gemv_lut27_op(const torch::Tensor& x, const torch::Tensor& codes, 
   p.tail_in_spare = tail_in_spare;
   const int64_t group_table_bytes = m * chunks * kLut27TableFloats * 4;
   p.tile_groups = tile_bytes > 0 ? std::max<int64_t>(1, tile_bytes / group_table_bytes) : groups;
-  p.threads = at::get_num_threads();
+  // a thread costs a wake-up and a join (microseconds): small layers run on fewer threads, each with at least
+  // `min_work` (16-row block, group, token) units
+  const int64_t work = r16 * groups * m;
+  p.threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(),
+                                                                      min_work > 0 ? work / min_work : work)));
   p.tables = scratch(tl_tables, m * groups * chunks * kLut27TableFloats);
   p.partial = p.tile_groups < groups ? scratch(tl_partial, m * r16 * kLut27Rows) : nullptr;
-  Output out(m, n, x.scalar_type());
+  Output out(out_shape(x, n), m, n, x.scalar_type());
   p.y = out.f32;
   p.y_stride = n;
   gemv_lut27(p);
@@ -202,8 +218,8 @@ const char* isa_name(int isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ptqtp CPU kernels (lut27 AVX-512 GEMV, lut3 AVX2 / generic GEMV, dequantize)";
-  m.def("gemv_lut27", &gemv_lut27_op, "y (M, N) in x.dtype from x (M, K) and the lut27 layout (AVX-512F)");
-  m.def("gemv_lut3", &gemv_lut3_op, "y (M, N) in x.dtype from x (M, K) and the lut3 layout (AVX2 or generic)");
+  m.def("gemv_lut27", &gemv_lut27_op, "y (..., N) in x.dtype from x (..., K) and the lut27 layout (AVX-512F)");
+  m.def("gemv_lut3", &gemv_lut3_op, "y (..., N) in x.dtype from x (..., K) and the lut3 layout (AVX2 or generic)");
   m.def("dequantize", &dequantize, "dense (N, K) weight from the storage format");
   m.def("best_isa", [] { return std::string(isa_name(cpu_best_isa())); },
         "best kernel ISA of this CPU and build: avx512, avx2 or generic");

@@ -6,6 +6,7 @@ its two capability checks, each returning `(ok, reason)` so a refusal always say
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -20,6 +21,21 @@ def finish_gemv(y: torch.Tensor, bias, dtype: torch.dtype) -> torch.Tensor:
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(dtype)
+
+
+def env_reader(*names: str) -> Callable[[], tuple]:
+    """A function returning the current raw values of these environment variables (None when unset).
+
+    Per-call dispatch reads PTQTP_* variables on every Linear; `os.environ.get` costs about 0.7 us a name (it
+    encodes the key each time), which adds up over hundreds of calls per token. CPython keeps os.environ's
+    entries in `os.environ._data` under encoded keys, so this encodes the names once and looks them up there
+    (the values come back encoded: fine as cache keys). Falls back to `os.environ.get` elsewhere.
+    """
+    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    if isinstance(data, dict) and callable(encode):
+        keys = tuple(encode(n) for n in names)
+        return lambda: tuple(map(data.get, keys))
+    return lambda: tuple(map(os.environ.get, names))
 
 
 def kernel_kind(m: int) -> str:
@@ -52,6 +68,8 @@ class Backend:
     """One kernel family.
 
     `linear(x2d, packed, scales, bias, group_size, in_features)` takes x as (M, K) and returns (M, N) in x.dtype.
+    With `takes_nd`, it takes x as (..., K) and returns a fresh contiguous (..., N) itself (flattening in
+    Python costs a few microseconds a call, a large share of a small decode layer).
     `available()` is the import/toolchain check (cached by the backend); `supports(spec)` the shape/dtype rules.
     """
 
@@ -62,6 +80,7 @@ class Backend:
     available: Callable[[], tuple[bool, str]]
     supports: Callable[[KernelSpec], tuple[bool, str]]
     linear: LinearFn
+    takes_nd: bool = False
 
     def check(self, spec: KernelSpec) -> tuple[bool, str]:
         """Device and dtype rules common to every backend, then the backend's own checks."""

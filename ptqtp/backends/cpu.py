@@ -20,14 +20,17 @@ import torch
 
 from .. import layouts
 from ..errors import BadOptionError
-from .base import GEMV_MAX_M, Backend, KernelSpec
+from .base import GEMV_MAX_M, Backend, KernelSpec, env_reader
 
 ENV_ISA = "PTQTP_CPU_ISA"
 ISAS = ("avx512", "avx2", "generic")  # best first
 # table bytes per pass over the rows in the lut27 kernel (all tokens): small enough to stay in L2
 LUT27_TILE_BYTES = 512 << 10
+# least work per thread in the lut27 kernel, in (16-row block, group, token) units of about 60 ns each
+LUT27_MIN_WORK = 96
 
-_ISA_CHOICE: dict[str | None, str] = {}  # PTQTP_CPU_ISA value -> ISA that runs
+_ISA_CHOICE: dict[tuple, str] = {}  # raw PTQTP_CPU_ISA value -> ISA that runs
+_raw_isa = env_reader(ENV_ISA)
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,10 +51,11 @@ def best_isa() -> str:
 
 def isa() -> str:
     """The ISA the GEMV uses now: PTQTP_CPU_ISA if set (and runnable here), else `best_isa()`."""
-    want = os.environ.get(ENV_ISA)
-    hit = _ISA_CHOICE.get(want)
+    raw = _raw_isa()
+    hit = _ISA_CHOICE.get(raw)
     if hit is None:
         best = best_isa()
+        want = os.environ.get(ENV_ISA)
         name = (want or "auto").strip().lower()
         if name == "auto":
             hit = best
@@ -62,7 +66,7 @@ def isa() -> str:
                                  f"unset {ENV_ISA} or set it to {best}.")
         else:
             hit = name
-        _ISA_CHOICE[want] = hit
+        _ISA_CHOICE[raw] = hit
     return hit
 
 
@@ -78,16 +82,16 @@ def _supports(spec: KernelSpec) -> tuple[bool, str]:
 
 
 def trit_linear_cpu(x, packed, scales, bias, group_size: int, in_features: int) -> torch.Tensor:
-    """y (M, N) for x (M, K) on CPU: lut27 / lut3 GEMV for decode, C++ dequantize + F.linear for prefill."""
+    """y (..., N) for x (..., K) on CPU: lut27 / lut3 GEMV for decode, C++ dequantize + F.linear for prefill."""
     ext, _ = _load()
     n = packed.shape[-2]
-    if x.shape[0] > GEMV_MAX_M:  # prefill: GEMV would redo the lookups per token
+    if x.numel() > GEMV_MAX_M * in_features:  # prefill: GEMV would redo the lookups per token
         w = ext.dequantize(packed, scales, in_features, group_size, x.dtype)  # (N, K)
         return torch.nn.functional.linear(x, w, bias)
     if isa() == "avx512":
         lay = layouts.cached("cpu_lut27", layouts.to_cpu_lut27, packed, scales, in_features, group_size)
         return ext.gemv_lut27(x, lay.codes, lay.scales, bias, n, in_features, group_size, lay.tail_in_spare,
-                              LUT27_TILE_BYTES)  # (M, N) x.dtype
+                              LUT27_TILE_BYTES, LUT27_MIN_WORK)  # (..., N) x.dtype
     lay = layouts.cached("cpu_lut3", layouts.to_cpu_lut3, packed, scales, in_features, group_size)
     return ext.gemv_lut3(x, lay.codes, lay.scales, bias, n, in_features, group_size, isa() == "avx2")
 
@@ -100,4 +104,5 @@ BACKEND = Backend(
     available=_available,
     supports=_supports,
     linear=trit_linear_cpu,
+    takes_nd=True,
 )
