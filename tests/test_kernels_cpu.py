@@ -83,6 +83,21 @@ def test_isa_matches_reference(isa, shape, m, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", [2, 4, 5, 6, 7, 12, 15])
+def test_every_token_count(isa, m, monkeypatch):
+    """Decode kernels tile tokens (lut27: up to 4 per pass, then the remainder): every M up to 16 is exact."""
+    _isa_or_skip(isa)
+    monkeypatch.setenv(cpu.ENV_ISA, isa)
+    packed, scales, bias = _layer(70, 1001, 128)
+    x = torch.randn(m, 1001, generator=torch.Generator().manual_seed(m))
+    want = ops.trit_linear_reference(x.double(), packed, scales, bias.double(), 128, 1001)
+    y = ops.trit_linear(x, packed, scales, bias, 128, 1001)
+    assert _rel_err(y, want) <= MAX_REL_ERR_VS_REFERENCE[torch.float32]
+    one = torch.cat([ops.trit_linear(x[t:t + 1], packed, scales, bias, 128, 1001) for t in range(m)])
+    assert torch.equal(y, one)  # a token's result does not depend on the tokens beside it
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_stale_layout_is_rebuilt(isa, monkeypatch):
     """The runtime layout is cached per weight: an in-place overwrite (load_state_dict) must give new results."""
     _isa_or_skip(isa)

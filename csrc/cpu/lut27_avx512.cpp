@@ -95,22 +95,32 @@ PTQTP_AVX512 inline __m512i tail_code(const int32_t* w0, const int32_t* w1) {
   return _mm512_or_si512(d, _mm512_srli_epi32(d, 15));
 }
 
-// acc[j] += table(chunk)[idx[j]] for the J (block, plane) pairs: one table load pair serves J lookups
-template <int J>
-PTQTP_AVX512 inline void look(__m512 (&acc)[J], const __m512i (&idx)[J], const float* table) {
-  const __m512 lo = _mm512_loadu_ps(table), hi = _mm512_loadu_ps(table + 16);
+// acc[t][j] += table(t, chunk)[idx[j]] for T tokens x J (block, plane) pairs: each token's table load pair serves
+// J lookups, each index register T
+template <int T, int J>
+PTQTP_AVX512 inline void look(__m512 (&acc)[T][J], const __m512i (&idx)[J], const float* const (&tab)[T],
+                              int64_t at) {
 #pragma GCC unroll 16
-  for (int j = 0; j < J; ++j) {
-    acc[j] = _mm512_add_ps(acc[j], _mm512_permutex2var_ps(lo, idx[j], hi));
-    // keep each chunk's lookups together: without this GCC hoists later chunks' lookups and spills them
-    __asm__("" : "+v"(acc[j]));
+  for (int t = 0; t < T; ++t) {
+    // Keep the code in source order: the empty volatile asm statements stay in order, the table address comes
+    // out of one and every sum goes through one, so GCC cannot hoist later chunks' loads and lookups above this
+    // chunk's (it does otherwise, and spills the accumulators). The CPU overlaps the chunks by itself.
+    const float* tp = tab[t] + at;
+    __asm__ volatile("" : "+r"(tp));
+    const __m512 lo = _mm512_loadu_ps(tp), hi = _mm512_loadu_ps(tp + 16);
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) {
+      acc[t][j] = _mm512_add_ps(acc[t][j], _mm512_permutex2var_ps(lo, idx[j], hi));
+      __asm__ volatile("" : "+v"(acc[t][j]));
+    }
   }
 }
 
-// the first N (1..6) chunks of word w of every (block, plane) pair
-template <int J, int N>
-PTQTP_AVX512 inline void word(__m512 (&acc)[J], const int32_t* const (&cw)[J], int64_t w, const float* tw,
-                              const Codes& k) {
+// the first N (1..6) chunks of word w of every (block, plane) pair, for T tokens
+template <int T, int J, int N>
+PTQTP_AVX512 inline void word(__m512 (&acc)[T][J], const int32_t* const (&cw)[J], int64_t w,
+                              const float* const (&tab)[T], const Codes& k) {
+  const int64_t at = w * kLut27CodesPerWord * kLut27TableFloats;
   __m512i idx[J];
 #pragma GCC unroll 16
   for (int j = 0; j < J; ++j) idx[j] = k.first(cw[j] + w * kLut27Rows);
@@ -123,31 +133,60 @@ PTQTP_AVX512 inline void word(__m512 (&acc)[J], const int32_t* const (&cw)[J], i
 #pragma GCC unroll 16
       for (int j = 0; j < J; ++j) idx[j] = k.next(idx[j]);
     }
-    look<J>(acc, idx, tw + i * kLut27TableFloats);
+    look<T, J>(acc, idx, tab, at + i * kLut27TableFloats);
   }
 }
 
-template <int J>
-PTQTP_AVX512 inline void partial_word(__m512 (&acc)[J], const int32_t* const (&cw)[J], int64_t w, const float* tw,
-                                      int n, const Codes& k) {
-  switch (n) {
-    case 1: word<J, 1>(acc, cw, w, tw, k); break;
-    case 2: word<J, 2>(acc, cw, w, tw, k); break;
-    case 3: word<J, 3>(acc, cw, w, tw, k); break;
-    case 4: word<J, 4>(acc, cw, w, tw, k); break;
-    case 5: word<J, 5>(acc, cw, w, tw, k); break;
+// one group for tokens t0 .. t0+T-1: every chunk, then the scales, into tot[t][b]
+template <int T, int B>
+PTQTP_AVX512 inline void group_tokens(const Lut27Problem& p, const int32_t* const (&cw)[2 * B], int64_t rb, int64_t g,
+                                      int64_t t0, float (*tot)[B][kLut27Rows], const Codes& k) {
+  constexpr int J = 2 * B;
+  const int64_t C = p.chunks, G = p.groups;
+  const int64_t full = p.tail_in_spare ? p.words : C / kLut27CodesPerWord;  // words holding 6 codes
+  const int rest = p.tail_in_spare ? 0 : static_cast<int>(C - full * kLut27CodesPerWord);  // codes in word `full`
+  const float* tab[T];
+  for (int t = 0; t < T; ++t) tab[t] = p.tables + ((t0 + t) * G + g) * C * kLut27TableFloats;
+  __m512 acc[T][J];
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t)
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) acc[t][j] = _mm512_setzero_ps();
+  for (int64_t w = 0; w < full; ++w) word<T, J, kLut27CodesPerWord>(acc, cw, w, tab, k);
+  switch (rest) {
+    case 1: word<T, J, 1>(acc, cw, full, tab, k); break;
+    case 2: word<T, J, 2>(acc, cw, full, tab, k); break;
+    case 3: word<T, J, 3>(acc, cw, full, tab, k); break;
+    case 4: word<T, J, 4>(acc, cw, full, tab, k); break;
+    case 5: word<T, J, 5>(acc, cw, full, tab, k); break;
     default: break;
   }
+  if (p.tail_in_spare) {
+    __m512i idx[J];
+#pragma GCC unroll 16
+    for (int j = 0; j < J; ++j) idx[j] = tail_code(cw[j], cw[j] + kLut27Rows);
+    look<T, J>(acc, idx, tab, (C - 1) * kLut27TableFloats);
+  }
+  for (int b = 0; b < B; ++b) {
+    const uint16_t* sp = p.scales + (((rb + b) * G + g) * 2) * kLut27Rows;
+    const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp)));
+    const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + kLut27Rows)));
+    for (int t = 0; t < T; ++t) {
+      __m512 s = _mm512_load_ps(tot[t0 + t][b]);
+      s = _mm512_fmadd_ps(s0, acc[t][2 * b], s);
+      s = _mm512_fmadd_ps(s1, acc[t][2 * b + 1], s);
+      _mm512_store_ps(tot[t0 + t][b], s);
+    }
+  }
 }
 
-// B row blocks (16 rows each) starting at rb, groups [g0, g1), every token. `tot` (m x B x 16) carries the
-// running sums between passes: zeroed on the first pass, finished (bias, store to y) on the last.
-template <int B>
+// B row blocks (16 rows each) starting at rb, groups [g0, g1), every token, TM tokens at a time (then fewer).
+// `tot` (m x B x 16) carries the running sums between passes: zeroed on the first pass, finished (bias, store
+// to y) on the last.
+template <int B, int TM>
 PTQTP_AVX512 void blocks(const Lut27Problem& p, int64_t rb, int64_t g0, int64_t g1, bool first, bool last) {
-  constexpr int J = 2 * B;  // (block, plane) pairs: one accumulator and one code register each
-  const int64_t W = p.words, C = p.chunks, G = p.groups, m = p.m;
-  const int64_t full = p.tail_in_spare ? W : C / kLut27CodesPerWord;  // words holding 6 codes
-  const int rest = p.tail_in_spare ? 0 : static_cast<int>(C - full * kLut27CodesPerWord);  // codes in word `full`
+  constexpr int J = 2 * B;  // (block, plane) pairs: one code register each, one accumulator per token
+  const int64_t W = p.words, G = p.groups, m = p.m;
   const Codes k;
   alignas(64) float tot[kLut27MaxTokens][B][kLut27Rows];
   float* part = p.partial + rb * kLut27Rows;  // (m, R16 * 16) running sums between passes
@@ -164,29 +203,13 @@ PTQTP_AVX512 void blocks(const Lut27Problem& p, int64_t rb, int64_t g0, int64_t 
     const int32_t* cw[J];
     for (int b = 0; b < B; ++b)
       for (int pl = 0; pl < 2; ++pl) cw[2 * b + pl] = p.codes + (((rb + b) * G + g) * 2 + pl) * W * kLut27Rows;
-    for (int64_t t = 0; t < m; ++t) {
-      const float* tab = p.tables + (t * G + g) * C * kLut27TableFloats;
-      __m512 acc[J];
-#pragma GCC unroll 16
-      for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
-      for (int64_t w = 0; w < full; ++w)
-        word<J, kLut27CodesPerWord>(acc, cw, w, tab + w * kLut27CodesPerWord * kLut27TableFloats, k);
-      if (rest > 0) partial_word<J>(acc, cw, full, tab + full * kLut27CodesPerWord * kLut27TableFloats, rest, k);
-      if (p.tail_in_spare) {
-        __m512i idx[J];
-#pragma GCC unroll 16
-        for (int j = 0; j < J; ++j) idx[j] = tail_code(cw[j], cw[j] + kLut27Rows);
-        look<J>(acc, idx, tab + (C - 1) * kLut27TableFloats);
-      }
-      for (int b = 0; b < B; ++b) {
-        const uint16_t* sp = p.scales + (((rb + b) * G + g) * 2) * kLut27Rows;
-        const __m512 s0 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp)));
-        const __m512 s1 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sp + kLut27Rows)));
-        __m512 s = _mm512_load_ps(tot[t][b]);
-        s = _mm512_fmadd_ps(s0, acc[2 * b], s);
-        s = _mm512_fmadd_ps(s1, acc[2 * b + 1], s);
-        _mm512_store_ps(tot[t][b], s);
-      }
+    int64_t t = 0;
+    for (; t + TM <= m; t += TM) group_tokens<TM, B>(p, cw, rb, g, t, tot, k);
+    switch (m - t) {  // fewer than TM tokens left
+      case 1: group_tokens<1, B>(p, cw, rb, g, t, tot, k); break;
+      case 2: if (TM > 2) group_tokens<2, B>(p, cw, rb, g, t, tot, k); break;
+      case 3: if (TM > 3) group_tokens<3, B>(p, cw, rb, g, t, tot, k); break;
+      default: break;
     }
   }
 
@@ -206,13 +229,27 @@ PTQTP_AVX512 void blocks(const Lut27Problem& p, int64_t rb, int64_t g0, int64_t 
     }
 }
 
-// rows blocks [rb0, rb1) for groups [g0, g1): 4 blocks at a time, then 2, then 1
-PTQTP_AVX512 void block_range(const Lut27Problem& p, int64_t rb0, int64_t rb1, int64_t g0, int64_t g1) {
+// row blocks [rb0, rb1) for groups [g0, g1). One token: 4 blocks share each table load (8 lookups per pair of
+// loads). Several tokens: 2 blocks x up to 4 tokens, so that each code register serves every token of the tile.
+template <int B, int TM>
+PTQTP_AVX512 void block_range_as(const Lut27Problem& p, int64_t rb0, int64_t rb1, int64_t g0, int64_t g1) {
   const bool first = g0 == 0, last = g1 == p.groups;
   int64_t rb = rb0;
-  for (; rb + 4 <= rb1; rb += 4) blocks<4>(p, rb, g0, g1, first, last);
-  for (; rb + 2 <= rb1; rb += 2) blocks<2>(p, rb, g0, g1, first, last);
-  for (; rb < rb1; ++rb) blocks<1>(p, rb, g0, g1, first, last);
+  for (; rb + B <= rb1; rb += B) blocks<B, TM>(p, rb, g0, g1, first, last);
+  if (B > 2)
+    for (; rb + 2 <= rb1; rb += 2) blocks<2, TM>(p, rb, g0, g1, first, last);
+  for (; rb < rb1; ++rb) blocks<1, TM>(p, rb, g0, g1, first, last);
+}
+
+PTQTP_AVX512 void block_range(const Lut27Problem& p, int64_t rb0, int64_t rb1, int64_t g0, int64_t g1) {
+  if (p.m == 1)
+    block_range_as<4, 1>(p, rb0, rb1, g0, g1);
+  else if (p.m == 2)
+    block_range_as<2, 2>(p, rb0, rb1, g0, g1);
+  else if (p.m == 3)
+    block_range_as<2, 3>(p, rb0, rb1, g0, g1);
+  else
+    block_range_as<2, 4>(p, rb0, rb1, g0, g1);
 }
 
 }  // namespace
