@@ -126,7 +126,12 @@ def main(argv=None) -> None:
     print("| model | backend (M=1) | tokens/s | x dense |")
     print("|---|---|---|---|")
     print(f"| dense | F.linear | {dense_tps:.2f} | 1.00 |")
-    print(f"| ptqtp | {backends.select_backend(spec).name} | {quant_tps:.2f} | {quant_tps / dense_tps:.2f} |")
+    name = backends.select_backend(spec).name
+    if name == "cpu":  # which CPU kernel ran (PTQTP_CPU_ISA or the best this CPU has)
+        from ptqtp.backends import cpu
+
+        name = f"cpu ({cpu.isa()})"
+    print(f"| ptqtp | {name} | {quant_tps:.2f} | {quant_tps / dense_tps:.2f} |")
     print(f"greedy tokens identical to dense for the first {same} of {args.new_tokens}")
 
 
