@@ -5,9 +5,9 @@ implementation, so torch.compile and CUDA graphs see one opaque node; the body v
 tokens to (M, K) and hands the call to the backend `select_backend` picks (reference, cpu, triton or cuda).
 
 Per-call cost matters at decode (hundreds of small Linears per token), so the eager body remembers what cannot
-change between calls: the tensor shapes it has already validated, and the backend chosen per (device, dtype,
-decode/prefill, N, K, group size, PTQTP_BACKEND, PTQTP_DISABLED_BACKENDS) as long as `select_backend`'s own
-cache still holds that choice (so `backends.clear_cache()` resets both).
+change between calls: the tensor shapes it has already validated, and (through `backends.backend_for`) the
+backend chosen per (device, dtype, decode/prefill, N, K, group size, PTQTP_BACKEND, PTQTP_DISABLED_BACKENDS);
+`backends.clear_cache()` resets that choice.
 """
 
 from __future__ import annotations
@@ -16,10 +16,8 @@ from typing import Optional
 
 import torch
 
-from . import backends
 from . import format as fmt
-from .backends import KernelSpec, kernel_kind, select_backend
-from .backends.base import env_reader
+from .backends import backend_for
 from .backends.reference import trit_linear_reference
 from .errors import BadOptionError, CorruptCheckpointError
 
@@ -50,25 +48,6 @@ def _check(x, packed, scales, bias, group_size: int, in_features: int) -> None:
 
 
 _CHECKED: set[tuple] = set()  # call signatures (shapes, dtypes, sizes) that passed _check
-_ENV: dict[tuple, tuple] = {}  # raw (PTQTP_BACKEND, PTQTP_DISABLED_BACKENDS) -> as select_backend parses them
-_CHOICE: dict[tuple, tuple] = {}  # call key -> (select_backend's cache key, backend)
-_raw_env = env_reader(backends.ENV_FORCE, backends.ENV_DISABLED)
-
-
-def _backend_for(device: str, dtype: torch.dtype, m: int, n: int, k: int, group_size: int):
-    """`select_backend` for one call, without building a KernelSpec while its cached choice stands."""
-    raw = _raw_env()
-    kind = kernel_kind(m)
-    key = (device, dtype, kind, n, k, group_size, raw)
-    hit = _CHOICE.get(key)
-    if hit is not None and backends._CHOICE.get(hit[0]) is hit[1]:  # still select_backend's choice
-        return hit[1]
-    backend = select_backend(KernelSpec(device, dtype, m, n, k, group_size))  # reads the env itself
-    env = _ENV.get(raw)
-    if env is None:
-        env = _ENV[raw] = backends._env()
-    _CHOICE[key] = ((device, dtype, n, k, group_size, kind, *env), backend)
-    return backend
 
 
 def trit_linear_eager(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
@@ -94,7 +73,7 @@ def trit_linear_eager(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tenso
     m = shape[0] if flat else x.numel() // in_features
     if m == 0:
         return x.new_empty((*shape[:-1], n))
-    backend = _backend_for(x.device.type, x.dtype, m, n, in_features, group_size)
+    backend = backend_for(x.device.type, x.dtype, m, n, in_features, group_size)
     if backend.takes_nd:
         return backend.linear(x, packed, scales, bias, group_size, in_features)  # (..., N), fresh and dense
     x2 = x if flat else x.reshape(-1, in_features)  # (M, K)

@@ -19,10 +19,10 @@ import logging
 import os
 
 from ..errors import BadOptionError, NoBackendError
-from .base import GEMV_MAX_M, Backend, KernelSpec, kernel_kind
+from .base import GEMV_MAX_M, Backend, KernelSpec, env_reader, kernel_kind
 
 __all__ = ["Backend", "KernelSpec", "GEMV_MAX_M", "kernel_kind", "available", "backend_names", "get_backend",
-           "select_backend", "clear_cache", "ENV_FORCE", "ENV_DISABLED"]
+           "select_backend", "backend_for", "clear_cache", "ENV_FORCE", "ENV_DISABLED"]
 
 ENV_FORCE = "PTQTP_BACKEND"
 ENV_DISABLED = "PTQTP_DISABLED_BACKENDS"
@@ -31,6 +31,8 @@ _MODULES = ("cuda", "triton", "cpu", "reference")
 _log = logging.getLogger("ptqtp.backends")
 _BACKENDS: list[Backend] | None = None
 _CHOICE: dict[tuple, Backend] = {}
+_PER_CALL: dict[tuple, Backend] = {}  # backend_for's memo, keyed on the raw PTQTP_* values
+_raw_env = env_reader(ENV_FORCE, ENV_DISABLED)
 _LOGGED: set[tuple[str, str]] = set()
 
 
@@ -85,6 +87,16 @@ def select_backend(spec: KernelSpec) -> Backend:
     return backend
 
 
+def backend_for(device: str, dtype, m: int, n: int, k: int, group_size: int) -> Backend:
+    """`select_backend` for one call, memoised on the raw PTQTP_* values: the per-Linear fast path (no
+    KernelSpec and no parsing of the variables while nothing changed)."""
+    key = (device, dtype, kernel_kind(m), n, k, group_size, _raw_env())
+    hit = _PER_CALL.get(key)
+    if hit is None:
+        hit = _PER_CALL[key] = select_backend(KernelSpec(device, dtype, m, n, k, group_size))
+    return hit
+
+
 def _first_fit(spec: KernelSpec, disabled: frozenset[str]) -> Backend:
     reasons = []
     for b in _registry():
@@ -111,4 +123,5 @@ def _describe(spec: KernelSpec) -> str:
 def clear_cache() -> None:
     """Forget cached choices and logged fallbacks (after changing PTQTP_* variables or the installed kernels)."""
     _CHOICE.clear()
+    _PER_CALL.clear()
     _LOGGED.clear()
