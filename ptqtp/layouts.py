@@ -70,6 +70,17 @@ class CpuLut3Layout:
         return self.codes.shape[-2]
 
 
+def _trit_groups(packed: torch.Tensor, in_features: int, group_size: int, g_count: int, row_chunk: int):
+    """Unpacked trits (2, rows, G, group_size) int8, `row_chunk` rows at a time (bounded peak memory on large
+    layers), the last group zero-padded."""
+    n = packed.shape[-2]
+    for r0 in range(0, n, row_chunk):
+        rows = min(row_chunk, n - r0)
+        t = unpack(packed[:, r0:r0 + rows].cpu(), (2, rows, in_features))  # (2, rows, K) int8
+        t = torch.nn.functional.pad(t, (0, g_count * group_size - in_features))  # (2, rows, G*g)
+        yield t.view(2, rows, g_count, group_size)
+
+
 def to_cpu_lut3(packed: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int,
                 row_chunk: int = 1024) -> CpuLut3Layout:
     """Convert storage planes (2, N, ceil(K/5)) + fp16 scales (2, N, G) into the CPU lut3 layout."""
@@ -81,11 +92,8 @@ def to_cpu_lut3(packed: torch.Tensor, scales: torch.Tensor, in_features: int, gr
     shifts = (torch.arange(CHUNKS_PER_WORD, dtype=torch.int64) * CHUNK).view(1, 1, 1, 1, CHUNKS_PER_WORD)
     bits = torch.tensor([1, 2, 4], dtype=torch.int64)
     parts = []
-    for r0 in range(0, n, row_chunk):  # bounded peak memory on large layers
-        rows = min(row_chunk, n - r0)
-        t = unpack(packed[:, r0:r0 + rows].cpu(), (2, rows, in_features))  # (2, rows, K) int8
-        t = torch.nn.functional.pad(t, (0, g_count * group_size - in_features))  # (2, rows, G*g)
-        t = t.view(2, rows, g_count, group_size)
+    for t in _trit_groups(packed, in_features, group_size, g_count, row_chunk):  # (2, rows, G, g)
+        rows = t.shape[1]
         t = torch.nn.functional.pad(t, (0, w * CHUNKS_PER_WORD * CHUNK - group_size))  # (2, rows, G, W*10*3)
         t = t.view(2, rows, g_count, w, CHUNKS_PER_WORD, CHUNK)
         masks = torch.stack([(t == 1), (t == -1)], dim=1).to(torch.int64)  # (2, 2, rows, G, W, 10, 3)
@@ -129,11 +137,8 @@ def to_cpu_lut27(packed: torch.Tensor, scales: torch.Tensor, in_features: int, g
     slots = c - 1 if spare else w * LUT27_CODES_PER_WORD  # chunks placed in words the ordinary way
     shifts = torch.tensor([0, 5, 10, 16, 21, 26], dtype=torch.int64)  # bit of chunk i in its word
     parts = []
-    for r0 in range(0, n, row_chunk):  # bounded peak memory on large layers
-        rows = min(row_chunk, n - r0)
-        t = unpack(packed[:, r0:r0 + rows].cpu(), (2, rows, in_features))  # (2, rows, K) int8
-        t = torch.nn.functional.pad(t, (0, g_count * group_size - in_features))  # (2, rows, G*g)
-        t = t.view(2, rows, g_count, group_size)
+    for t in _trit_groups(packed, in_features, group_size, g_count, row_chunk):  # (2, rows, G, g)
+        rows = t.shape[1]
         t = torch.nn.functional.pad(t, (0, c * CHUNK - group_size)).view(2, rows, g_count, c, CHUNK)
         code = ((t[..., 0] + 1) + 3 * (t[..., 1] + 1) + 9 * (t[..., 2] + 1)).to(torch.int64)  # (2, rows, G, C)
         body = torch.nn.functional.pad(code[..., :slots] if spare else code, (0, slots - min(slots, c)),

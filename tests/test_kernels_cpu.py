@@ -14,7 +14,7 @@ import torch
 from ptqtp import backends, ops
 from ptqtp.backends import cpu
 from ptqtp.errors import BadOptionError
-from ptqtp.packing import pack
+from test_ops import _layer
 
 # relative Frobenius error against the float64 reference: float32 accumulation order; for fp16/bf16 also the
 # rounding of the output (and of W in the reference) to that dtype
@@ -52,12 +52,6 @@ def _cpu_backend(monkeypatch):
     backends.clear_cache()
 
 
-def _layer(n: int, k: int, g: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    planes = torch.randint(-1, 2, (2, n, k), generator=gen, dtype=torch.int8)
-    scales = (torch.rand(2, n, -(-k // g), generator=gen) * 0.05 + 0.01).half()  # (2, N, G)
-    bias = torch.randn(n, generator=gen)
-    return pack(planes), scales, bias
 
 
 def _rel_err(y: torch.Tensor, want: torch.Tensor) -> float:
