@@ -124,24 +124,23 @@ def gptq_trit_planes(weight: torch.Tensor, hessian: torch.Tensor, group_size: in
     importance = h.diagonal().clone() if weighted_scales and method == "ptqtp" else None  # (in,)
     importance = None if importance is None else torch.where(dead, torch.zeros_like(importance), importance)
 
-    def fit(src: torch.Tensor, cols: slice) -> tuple[torch.Tensor, float]:
-        """Stored (fp16-exact) scales (2, out, groups) of src[:, cols] and its mean solver rounds."""
+    def fit(src: torch.Tensor, cols: slice) -> TritPlanes:
+        """The solver on src[:, cols]: stored (fp16-exact) scales and the nearest-level trits for them."""
         cw = None if importance is None else importance[cols].float()
-        r = decompose(src[:, cols].float(), group_size=group_size, method=method, max_iters=max_iters, tol=tol,
-                      column_weights=cw)
-        return r.scales.to(dtype), r.iterations
+        return decompose(src[:, cols].float(), group_size=group_size, method=method, max_iters=max_iters, tol=tol,
+                         column_weights=cw)
 
     num_groups = math.ceil(in_f / group_size)
-    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else \
-        torch.arange(in_f, device=w.device)  # (in,) visiting order
     if not feedback:  # the fit's own trits are the nearest levels of its stored scales
-        cw = None if importance is None else importance.float()
-        r = decompose(w.float(), group_size=group_size, method=method, max_iters=max_iters, tol=tol, column_weights=cw)
+        r = fit(w, slice(0, in_f))
         h[dead, dead] = 0.0
         scales = refit_scales_h(w_orig, h, r.planes, r.scales.to(dtype), group_size) if refit_scales else r.scales
         return TritPlanes(planes=r.planes, scales=scales.float(), group_size=group_size, iterations=r.iterations)
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else \
+        torch.arange(in_f, device=w.device)  # (in,) visiting order
     if act_order:
-        scales, iterations = fit(w, slice(0, in_f))  # static groups: all scales from the original weights
+        r = fit(w, slice(0, in_f))  # static groups: all scales from the original weights
+        scales, iterations = r.scales.to(dtype), r.iterations
     else:
         scales, iterations = torch.zeros(2, out_f, num_groups, dtype=dtype, device=w.device), 0.0
     u = _inverse_hessian_cholesky(h[perm][:, perm], damp)  # (in, in) upper, in visiting order
@@ -157,9 +156,9 @@ def gptq_trit_planes(weight: torch.Tensor, hessian: torch.Tensor, group_size: in
                                                               in_f)
         if not act_order and c0 % group_size == 0:
             g = c0 // group_size
-            a, rounds = fit(wp, slice(c0, min(c0 + group_size, in_f)))  # (2, out, 1) on the updated group
-            scales[:, :, g] = a[:, :, 0]
-            iterations += rounds * (min(c0 + group_size, in_f) - c0) / in_f
+            r = fit(wp, slice(c0, min(c0 + group_size, in_f)))  # on the updated group
+            scales[:, :, g] = r.scales[:, :, 0].to(dtype)
+            iterations += r.iterations * (min(c0 + group_size, in_f) - c0) / in_f
         block = wp[:, c0:c1].clone()  # (out, b)
         err = torch.zeros_like(block)  # (out, b)
         u_blk = u[c0:c1, c0:c1]  # (b, b)
