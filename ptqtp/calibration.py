@@ -112,7 +112,7 @@ def gptq_trit_planes(weight: torch.Tensor, hessian: torch.Tensor, group_size: in
     if tuple(hessian.shape) != (in_f, in_f):
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight in_features {in_f}")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w = weight.to(dtype).clone()  # (out, in), updated in place by the feedback
+    w = weight.to(dtype).clone()  # (out, in), dead inputs zeroed; the feedback updates a permuted copy
     h = hessian.to(device=w.device, dtype=dtype).clone()  # (in, in)
     if not (torch.isfinite(w).all() and torch.isfinite(h).all()):
         raise NonFiniteWeightError("weight or calibration activations hold NaN/Inf; the model overflows in its "
@@ -120,7 +120,6 @@ def gptq_trit_planes(weight: torch.Tensor, hessian: torch.Tensor, group_size: in
     dead = h.diagonal() == 0  # (in,) inputs never seen: their weights cannot matter to the output
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    w_orig = w.clone() if refit_scales else None
     importance = h.diagonal().clone() if weighted_scales and method == "ptqtp" else None  # (in,)
     importance = None if importance is None else torch.where(dead, torch.zeros_like(importance), importance)
 
@@ -134,7 +133,7 @@ def gptq_trit_planes(weight: torch.Tensor, hessian: torch.Tensor, group_size: in
     if not feedback:  # the fit's own trits are the nearest levels of its stored scales
         r = fit(w, slice(0, in_f))
         h[dead, dead] = 0.0
-        scales = refit_scales_h(w_orig, h, r.planes, r.scales.to(dtype), group_size) if refit_scales else r.scales
+        scales = refit_scales_h(w, h, r.planes, r.scales.to(dtype), group_size) if refit_scales else r.scales
         return TritPlanes(planes=r.planes, scales=scales.float(), group_size=group_size, iterations=r.iterations)
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else \
         torch.arange(in_f, device=w.device)  # (in,) visiting order
@@ -176,7 +175,7 @@ def gptq_trit_planes(weight: torch.Tensor, hessian: torch.Tensor, group_size: in
     h[dead, dead] = 0.0
     planes = TRIT_PAIRS.to(w.device)[choice].permute(2, 0, 1).contiguous()  # (2, out, in) int8
     if refit_scales:
-        scales = refit_scales_h(w_orig, h, planes, scales, group_size)
+        scales = refit_scales_h(w, h, planes, scales, group_size)  # w is the original: the feedback moved wp
     return TritPlanes(planes=planes, scales=scales.float(), group_size=group_size, iterations=float(iterations))
 
 

@@ -81,6 +81,14 @@ def _trit_groups(packed: torch.Tensor, in_features: int, group_size: int, g_coun
         yield t.view(2, rows, g_count, group_size)
 
 
+def _scales_by_block(scales: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """Storage scales (2, N, G) as (R, G, 2, rows): one vector load per (row block, group, plane), N zero-padded."""
+    _, n, g_count = scales.shape
+    r = math.ceil(n / rows)
+    s = torch.nn.functional.pad(scales.cpu().to(dtype), (0, 0, 0, r * rows - n))  # (2, R*rows, G)
+    return s.view(2, r, rows, g_count).permute(1, 3, 0, 2).contiguous()
+
+
 def to_cpu_lut3(packed: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int,
                 row_chunk: int = 1024) -> CpuLut3Layout:
     """Convert storage planes (2, N, ceil(K/5)) + fp16 scales (2, N, G) into the CPU lut3 layout."""
@@ -102,10 +110,7 @@ def to_cpu_lut3(packed: torch.Tensor, scales: torch.Tensor, in_features: int, gr
     words = torch.cat(parts, dim=2)  # (2, 2, N, G, W)
     words = torch.nn.functional.pad(words, (0, 0, 0, 0, 0, r * ROWS_PER_BLOCK - n))  # (2, 2, R*8, G, W)
     codes = words.view(2, 2, r, ROWS_PER_BLOCK, g_count, w).permute(2, 4, 0, 1, 5, 3).contiguous()
-    s = scales.cpu().to(torch.float32)  # (2, N, G)
-    s = torch.nn.functional.pad(s, (0, 0, 0, r * ROWS_PER_BLOCK - n))  # (2, R*8, G)
-    s = s.view(2, r, ROWS_PER_BLOCK, g_count).permute(1, 3, 0, 2).contiguous()  # (R, G, 2, 8)
-    return CpuLut3Layout(codes, s, n, in_features, group_size)
+    return CpuLut3Layout(codes, _scales_by_block(scales, ROWS_PER_BLOCK, torch.float32), n, in_features, group_size)
 
 
 @dataclass(frozen=True)
@@ -152,10 +157,8 @@ def to_cpu_lut27(packed: torch.Tensor, scales: torch.Tensor, in_features: int, g
     words = torch.cat(parts, dim=1)  # (2, N, G, W)
     words = torch.nn.functional.pad(words, (0, 0, 0, 0, 0, r * LUT27_ROWS - n), value=0)  # (2, R*16, G, W)
     codes = words.view(2, r, LUT27_ROWS, g_count, w).permute(1, 3, 0, 4, 2).contiguous()  # (R, G, 2, W, 16)
-    s = scales.cpu().to(torch.float16)  # (2, N, G)
-    s = torch.nn.functional.pad(s, (0, 0, 0, r * LUT27_ROWS - n))  # (2, R*16, G)
-    s = s.view(2, r, LUT27_ROWS, g_count).permute(1, 3, 0, 2).contiguous()  # (R, G, 2, 16)
-    return CpuLut27Layout(codes, s, n, in_features, group_size, spare)
+    return CpuLut27Layout(codes, _scales_by_block(scales, LUT27_ROWS, torch.float16), n, in_features, group_size,
+                          spare)
 
 
 def cached(kind: str, build, packed: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int):
