@@ -52,10 +52,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import TritPlaneConfig
+from .config import TRIT_METHODS, TritPlaneConfig
 from .errors import BadOptionError, NonFiniteWeightError
 from .loader import QUANTIZE, classify
-from .solver import METHODS as SOLVER_METHODS
 from .solver import FP16_MAX, TritPlanes, decompose
 
 DEFAULT_DAMP = 1.0  # fraction of the mean Hessian diagonal added to it (GPTQ's percdamp; see the module doc)
@@ -362,9 +361,9 @@ def calibrate_model(model: nn.Module, tokens: torch.Tensor, config: TritPlaneCon
         on_layer: called after each newly quantized layer (to persist it).
         on_linear: called with each Linear's name once it is quantized (progress).
     """
-    if config.method not in SOLVER_METHODS:
+    if config.method not in TRIT_METHODS:
         raise BadOptionError(f"method {config.method!r} has no trit-planes to calibrate; with --calib use one of "
-                             f"{', '.join(SOLVER_METHODS)}.")
+                             f"{', '.join(TRIT_METHODS)}.")
     prefix, layers = find_decoder_layers(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
@@ -581,9 +580,9 @@ def quantize_checkpoint_calibrated(model, out, config: TritPlaneConfig | None = 
     from .errors import OutputExistsError
 
     config = config or TritPlaneConfig()
-    if config.method not in SOLVER_METHODS:
+    if config.method not in TRIT_METHODS:
         raise BadOptionError(f"method {config.method!r} has no trit-planes to calibrate; with --calib use one of "
-                             f"{', '.join(SOLVER_METHODS)}.")
+                             f"{', '.join(TRIT_METHODS)}.")
     if resume and overwrite:
         raise BadOptionError("--resume and --overwrite contradict each other; pass one of them.")
     t_start = time.perf_counter()

@@ -11,6 +11,7 @@ import os
 import sys
 
 from ._version import __version__
+from .config import BASELINES
 from .errors import PtqtpError
 
 EPILOG = "Docs and examples: README.md. Set PTQTP_DEBUG=1 to show tracebacks."
@@ -30,7 +31,7 @@ def _add_quantize(sub):
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale pair (default 128)")
     p.add_argument("--method", default="ptqtp",
                    help="solver: ptqtp (default, ours), paper (Algorithm 1 as published); baselines for "
-                   "comparison: rtn-ternary, rtn-int2, rtn-int3")
+                   f"comparison: {', '.join(BASELINES)}")
     p.add_argument("--device", default="auto", help="where the solve runs: auto (CUDA if present), cpu, cuda")
     p.add_argument("--skip", action="append", default=[], metavar="REGEX",
                    help="keep Linears whose name matches REGEX dense (repeatable); lm_head is always kept")

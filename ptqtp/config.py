@@ -14,7 +14,12 @@ from . import format as fmt
 from ._version import __version__
 from .errors import BadOptionError, FormatVersionError
 
-METHODS = ("ptqtp", "paper", "rtn-ternary", "rtn-int2", "rtn-int3")
+# Every method, in one place. Trit-plane methods are solved by `solver.decompose` and stored packed; the integer
+# RTN baselines (method -> bits) are stored as dense fake-quantized weights, for comparison only.
+TRIT_METHODS = ("ptqtp", "paper", "rtn-ternary")
+INT_BASELINES = {"rtn-int2": 2, "rtn-int3": 3}
+METHODS = (*TRIT_METHODS, *INT_BASELINES)
+BASELINES = tuple(m for m in METHODS if m.startswith("rtn-"))  # compared against, never recommended
 
 # Modules that stay dense unless the user says otherwise: the output head (and embeddings, which are
 # not Linears and are never touched).

@@ -33,12 +33,11 @@ from . import checkpoint as ckpt
 from . import format as fmt
 from . import loader
 from ._version import __version__
-from .config import TritPlaneConfig
+from .config import INT_BASELINES, TritPlaneConfig
 from .errors import BadOptionError, OutputExistsError, PtqtpError, UnsupportedCheckpointError
 
 MANIFEST_NAME = "ptqtp_manifest.json"
 REPORT_NAME = "ptqtp_report.json"
-INT_BASELINES = {"rtn-int2": 2, "rtn-int3": 3}  # dense fake-quantized checkpoints, loadable without ptqtp
 # Non-weight files copied from the source: configs, tokenizer, chat template, remote code.
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
 _NOT_COPIED = {ckpt.CONFIG_NAME, ckpt.INDEX_NAME, MANIFEST_NAME, REPORT_NAME}

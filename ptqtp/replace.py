@@ -16,13 +16,11 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .config import TritPlaneConfig
+from .config import INT_BASELINES, TRIT_METHODS, TritPlaneConfig
 from .errors import BadOptionError, CorruptCheckpointError
 from .modules import TritPlaneLinear
 from .packing import PackedTritPlanes
 
-# Methods whose result is a dense fake-quantized weight, not trit-planes: nothing to pack.
-_DENSE_ONLY_METHODS = ("rtn-int2", "rtn-int3")
 
 
 def _always_dense_ids(model: nn.Module) -> set[int]:
@@ -117,9 +115,9 @@ def quantize_model(model: nn.Module, config: TritPlaneConfig | None = None) -> n
     from .solver import decompose
 
     config = config or TritPlaneConfig()
-    if config.method in _DENSE_ONLY_METHODS:
+    if config.method in INT_BASELINES:
         raise BadOptionError(f"method {config.method!r} yields dense fake-quantized weights, not trit-planes, so "
-                             "there is nothing to pack; use method 'ptqtp', 'paper' or 'rtn-ternary'.")
+                             f"there is nothing to pack; use method {', '.join(repr(m) for m in TRIT_METHODS)}.")
     device = _solve_device(config.device)
     for name, linear in convertible_linears(model, config):
         if linear.weight.is_meta:

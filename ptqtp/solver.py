@@ -1,6 +1,6 @@
 """Trit-plane decomposition: per (row, group of input columns), W ~ a1*T1 + a2*T2 with T in {-1, 0, 1}.
 
-Imports only `errors`: pure torch, no I/O, runs on the weight's device. `decompose` is the one entry point;
+Imports only `errors` and `config` (the method list): pure torch, no I/O, runs on the weight's device. `decompose` is the one entry point;
 the step functions below it (`trit_step`, `ridge_scale_step`, `ls_scale_step`) are exposed for tests.
 
 Every group is solved on its own (float32 elementwise work, float64 for per-group sums and 2x2 solves),
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import TRIT_METHODS
 from .errors import BadOptionError, NonFiniteWeightError
 
-METHODS = ("ptqtp", "paper", "rtn-ternary")
 FP16_MAX = 65504.0
 
 # Range-keeping starts of the default solver, in units of the group's max |w|: the top level a1 + a2 sits at
@@ -356,7 +356,10 @@ def _record(trace, fn):
 
 
 def _rtn_ternary(w, max_iters, tol, trace):
-    """Baseline: one plane, absmean scale, second plane zero (see `ptqtp.baselines.rtn_ternary`)."""
+    """Baseline "rtn-ternary": one plane, absmean scale per (row, group), second plane zero (BitNet b1.58 style).
+
+    `_finish` then rounds the scale to fp16 and picks round-to-nearest trits for it: T = clamp(round(w / a), -1, 1).
+    """
     a = torch.stack((w.abs().mean(-1), torch.zeros_like(w[:, 0])), dim=-1)  # (N, 2)
     return a, torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
 
@@ -440,7 +443,7 @@ def decompose(weight: torch.Tensor, group_size: int = 128, method: str = "ptqtp"
     Args:
         weight: float32/float16/bfloat16 (out, in), CPU or CUDA; the solve runs on its device in float32.
         group_size: input columns per pair of scales; a last partial group uses only its real columns.
-        method: one of METHODS.
+        method: one of `config.TRIT_METHODS`.
         max_iters: cap on alternation rounds per group.
         tol: a group stops when no scale moves more than this (weight units, as the paper states it).
         name: tensor name, used only in error messages.
@@ -455,8 +458,8 @@ def decompose(weight: torch.Tensor, group_size: int = 128, method: str = "ptqtp"
         NonFiniteWeightError (a ValueError): the weight holds NaN or Inf.
         BadOptionError: malformed arguments.
     """
-    if method not in METHODS:
-        raise BadOptionError(f"unknown solver method {method!r}; choose one of {', '.join(METHODS)}.")
+    if method not in TRIT_METHODS:
+        raise BadOptionError(f"unknown solver method {method!r}; choose one of {', '.join(TRIT_METHODS)}.")
     if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
         raise BadOptionError(f"max_iters must be a positive integer, got {max_iters!r}.")
     if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol >= 0):

@@ -17,7 +17,7 @@ ALLOWED = {
     "_version": set(),
     "format": {"errors"},
     "config": {"errors", "format", "_version"},
-    "solver": {"errors"},
+    "solver": {"errors", "config"},
     "baselines": {"errors", "solver"},
     "packing": {"errors", "format", "solver"},
     "checkpoint": {"errors", "format", "config", "_version"},
@@ -36,7 +36,7 @@ ALLOWED = {
     "generation": {"errors", "hf"},
     "evaluate": {"errors", "format", "config", "hf", "checkpoint", "_version"},
     "inspect": {"errors", "format", "config", "checkpoint", "backends", "packing", "_version", "hf"},
-    "cli": {"errors", "_version", "pipeline", "evaluate", "generation", "inspect"},
+    "cli": {"errors", "_version", "config", "pipeline", "evaluate", "generation", "inspect"},
     "__init__": {"errors", "config", "_version", "hf"},
     "__main__": {"cli"},
 }
