@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from .config import TRIT_METHODS, TritPlaneConfig
+from .device import resolve_device
 from .errors import BadOptionError, NonFiniteWeightError
 from .loader import QUANTIZE, classify
 from .solver import FP16_MAX, TritPlanes, decompose
@@ -586,7 +587,7 @@ def quantize_checkpoint_calibrated(model, out, config: TritPlaneConfig | None = 
     if resume and overwrite:
         raise BadOptionError("--resume and --overwrite contradict each other; pass one of them.")
     t_start = time.perf_counter()
-    device = pipeline._resolve_device(config.device)
+    device = resolve_device(config.device)
     src = loader.resolve_model(model, revision)
     loader.check_source(src)
     calib_path = resolve_calibration_path(calib)

@@ -29,6 +29,7 @@ import torch
 from . import format as fmt
 from . import hf
 from ._version import __version__
+from .device import resolve_device
 from .errors import BadOptionError, ModelNotFoundError
 
 PACKAGE_DATA = Path(__file__).resolve().parent / "data"
@@ -61,20 +62,6 @@ class PerplexityResult:
 
 
 # ----------------------------------------------------------------------------------------------- loading
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> cuda when present, else cpu; anything else must name a torch device."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadOptionError(f"--device {device} asked for CUDA but torch sees no GPU; use --device cpu.")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        raise BadOptionError(f"--device {device!r} is not a torch device; use auto, cpu or cuda.") from None
-    return device
-
 
 
 def _check_model_path(path: str) -> None:

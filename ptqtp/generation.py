@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import hf
+from .device import resolve_device
 from .errors import BadOptionError, UnsupportedCheckpointError
 
 
@@ -33,22 +34,11 @@ class Continuation:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
 
 
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" or device.startswith("cuda"):
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise BadOptionError(f"--device {device} was requested but no CUDA GPU is visible; use --device cpu.")
-        return device
-    raise BadOptionError(f"--device {device!r} is not supported; use auto, cpu or cuda.")
-
-
-
 def load(path: str, device: str = "auto", dtype: str = "auto"):
     """(model, tokenizer) of a ptqtp or dense directory, on `device` ("auto", "cpu", "cuda") in `dtype`."""
     from transformers import AutoTokenizer
 
-    model = hf.from_pretrained(path, dtype=hf.resolve_dtype(dtype), device_map=_resolve_device(device))
+    model = hf.from_pretrained(path, dtype=hf.resolve_dtype(dtype), device_map=str(resolve_device(device)))
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:

@@ -34,6 +34,7 @@ from . import format as fmt
 from . import loader
 from ._version import __version__
 from .config import INT_BASELINES, TritPlaneConfig
+from .device import resolve_device
 from .errors import BadOptionError, OutputExistsError, PtqtpError, UnsupportedCheckpointError
 
 MANIFEST_NAME = "ptqtp_manifest.json"
@@ -112,15 +113,6 @@ def _fingerprint(sources: list[loader.SourceTensor], config: TritPlaneConfig, sh
         "plan": [[s.name, [[x.name, str(x.dtype), list(x.shape)] for x in s.specs]] for s in shards],
     }
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadOptionError(f"--device {device} was asked for but CUDA is not available here; use --device cpu "
-                             "or auto.")
-    return torch.device(device)
 
 
 # ------------------------------------------------------------------------------------------ output dir
@@ -327,7 +319,7 @@ def quantize_checkpoint(model, out, config: TritPlaneConfig | None = None, *, re
     t_start = time.perf_counter()
     config = config or TritPlaneConfig()
     max_bytes = ckpt.parse_size(max_shard_size)
-    device = _resolve_device(config.device)
+    device = resolve_device(config.device)
     src = loader.resolve_model(model, revision)
     hf_config = loader.check_source(src)
     sources = loader.list_tensors(src, config)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import INT_BASELINES, TRIT_METHODS, TritPlaneConfig
+from .device import resolve_device
 from .errors import BadOptionError, CorruptCheckpointError
 from .modules import TritPlaneLinear
 from .packing import PackedTritPlanes
@@ -88,14 +89,6 @@ def replace_linear(model: nn.Module, config: TritPlaneConfig | None = None, *,
     return model
 
 
-def _solve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadOptionError(f"device {device!r} was requested but no CUDA GPU is visible; use device='cpu'.")
-    return torch.device(device)
-
-
 @torch.no_grad()
 def quantize_model(model: nn.Module, config: TritPlaneConfig | None = None) -> nn.Module:
     """Quantize every selected `nn.Linear` of an in-memory model to trit-planes, in place.
@@ -118,7 +111,7 @@ def quantize_model(model: nn.Module, config: TritPlaneConfig | None = None) -> n
     if config.method in INT_BASELINES:
         raise BadOptionError(f"method {config.method!r} yields dense fake-quantized weights, not trit-planes, so "
                              f"there is nothing to pack; use method {', '.join(repr(m) for m in TRIT_METHODS)}.")
-    device = _solve_device(config.device)
+    device = resolve_device(config.device, "device")
     for name, linear in convertible_linears(model, config):
         if linear.weight.is_meta:
             raise BadOptionError(f"{name} has its weight on the meta device; load the model with real weights "
