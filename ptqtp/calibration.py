@@ -55,7 +55,7 @@ from torch import nn
 from .config import TRIT_METHODS, TritPlaneConfig
 from .device import resolve_device
 from .errors import BadOptionError, NonFiniteWeightError
-from .loader import QUANTIZE, classify
+from .selection import select_linears
 from .solver import FP16_MAX, TritPlanes, decompose
 
 DEFAULT_DAMP = 1.0  # fraction of the mean Hessian diagonal added to it (GPTQ's percdamp; see the module doc)
@@ -310,22 +310,6 @@ def _layer_forward(layer, x, args, kwargs):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def quantizable_linears(layer: nn.Module, prefix: str, config: TritPlaneConfig) -> dict[str, nn.Linear]:
-    """Full name -> Linear of the layer's Linears that calibration-free quantization would quantize.
-
-    The choice is the loader's (`loader.classify` on the weight's checkpoint name), so both modes quantize
-    exactly the same tensors (routers, norms and skipped modules stay dense).
-    """
-    chosen = {}
-    for name, m in layer.named_modules():
-        if isinstance(m, nn.Linear):
-            full = f"{prefix}.{name}"
-            action, _, _ = classify(f"{full}.weight", tuple(m.weight.shape), m.weight.dtype, config)
-            if action == QUANTIZE:
-                chosen[full] = m
-    return chosen
-
-
 @dataclass
 class LayerResult:
     """Trit-planes of one decoder layer's Linears (full module name -> TritPlanes), and timing."""
@@ -375,7 +359,7 @@ def calibrate_model(model: nn.Module, tokens: torch.Tensor, config: TritPlaneCon
         start = time.perf_counter()
         layer.to(device)
         args, kwargs = _to(layer_inputs[li], device)
-        linears = quantizable_linears(layer, f"{prefix}.{li}", config)
+        linears = dict(select_linears(layer, config, f"{prefix}.{li}"))
         if li in done:
             planes = done[li]
             missing = set(linears) - set(planes)
@@ -620,7 +604,7 @@ def quantize_checkpoint_calibrated(model, out, config: TritPlaneConfig | None = 
 
     hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=_compute_dtype(src, device)).eval()
     prefix, layers = find_decoder_layers(hf_model)
-    n_linears = sum(len(quantizable_linears(layer, f"{prefix}.{i}", config)) for i, layer in enumerate(layers))
+    n_linears = sum(len(select_linears(layer, config, f"{prefix}.{i}")) for i, layer in enumerate(layers))
     bar = pipeline._progress(n_linears, show_progress)
     if show_progress:
         bar.set_description("calibrate")

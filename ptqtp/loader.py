@@ -1,7 +1,7 @@
 """The source side of `ptqtp quantize`: resolve MODEL, list its tensors, pick what to quantize, stream tensors.
 
-Imports `errors`, `format`, `config`, `checkpoint`; `huggingface_hub` only when MODEL is a hub id. The model
-class is never instantiated: tensors are chosen from their names and shapes in the safetensors headers, and
+Imports `errors`, `config`, `checkpoint`, `selection`; `huggingface_hub` only when MODEL is a hub id. The model
+class is never instantiated: `selection` picks tensors from their names and shapes in the safetensors headers, and
 read one at a time (`safetensors.safe_open`, opened per tensor so no mapping of a whole shard stays resident).
 """
 
@@ -18,25 +18,11 @@ import torch
 from . import checkpoint as ckpt
 from .config import TritPlaneConfig
 from .errors import CorruptCheckpointError, ModelNotFoundError, UnsupportedCheckpointError
+from .selection import classify
 
 # What a hub download fetches: weights as safetensors, configs, tokenizer and chat-template files.
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.txt",
                 "*.jinja", "*.tiktoken", "*.py"]
-
-# A decoder layer: `...layers.<N>.` (Llama, Qwen, Mistral, Mixtral, Gemma, Phi-3, DeepSeek, ...).
-_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
-# Sub-models that stay dense even though they have `layers.N.` inside (vision / audio towers, projectors).
-_DENSE_TOWERS = {"vision_tower", "visual", "vision_model", "vision_encoder", "audio_tower", "audio_model",
-                 "audio_encoder", "multi_modal_projector", "mm_projector", "vision_projection"}
-# Module leaf names that are MoE routers (scores per expert): quantizing them perturbs routing itself.
-_ROUTERS = {"gate", "router", "shared_expert_gate", "gate_network"}
-# Leaf-name fragments of parameters that are not Linears (norms, embeddings, convolutions, positions).
-_NOT_LINEAR = ("norm", "embed", "conv", "rotary", "ln_", "layernorm")
-
-QUANTIZE = "quantize"  # 2-D Linear weight (out, in)
-QUANTIZE_EXPERTS = "quantize-experts"  # fused 3-D expert tensor (E, out, in), quantized per expert
-DENSE = "dense"
-
 
 @dataclass(frozen=True)
 class SourceTensor:
@@ -46,7 +32,7 @@ class SourceTensor:
     file: pathlib.Path
     dtype: torch.dtype
     shape: tuple[int, ...]
-    action: str  # QUANTIZE, QUANTIZE_EXPERTS or DENSE
+    action: str  # selection.QUANTIZE, QUANTIZE_EXPERTS or DENSE
     module: str  # the owning module's dotted name (the name without `.weight`)
     reason: str  # why it stays dense ("" when quantized)
     data_range: tuple[int, int]  # absolute byte range of the tensor's data in `file`
@@ -125,39 +111,6 @@ def check_source(model_dir: pathlib.Path) -> dict:
         raise UnsupportedCheckpointError(f"{model_dir} holds no *.safetensors weights; point at a folder that "
                                          "save_pretrained wrote.")
     return cfg
-
-
-def classify(name: str, shape: tuple[int, ...], dtype: torch.dtype, config: TritPlaneConfig) -> tuple[str, str, str]:
-    """(action, module name, reason dense) for one tensor, from its name and shape alone."""
-    parts = name.split(".")
-    if parts[-1] == "weight":
-        module, leaf_param = ".".join(parts[:-1]), "weight"
-    else:
-        module, leaf_param = name, parts[-1]
-    leaf = module.rsplit(".", 1)[-1]
-    if not dtype.is_floating_point or dtype.itemsize < 2:
-        return DENSE, module, "not a float16/bfloat16/float32 tensor"
-    if len(shape) < 2:
-        return DENSE, module, "not a matrix"
-    if not _LAYER.search(name):
-        return DENSE, module, "outside the decoder layers (embeddings, lm_head)"
-    if _DENSE_TOWERS.intersection(parts):
-        return DENSE, module, "vision/audio tower"
-    if leaf in _ROUTERS or "router" in leaf:
-        return DENSE, module, "MoE router"
-    if any(s in leaf.lower() for s in _NOT_LINEAR):
-        return DENSE, module, "not a Linear"
-    if len(shape) == 2 and leaf_param == "weight":
-        action = QUANTIZE
-    elif len(shape) == 3 and "experts" in parts and not leaf_param.endswith("bias"):
-        action = QUANTIZE_EXPERTS
-    else:
-        return DENSE, module, "not a Linear weight"
-    if 0 in shape:
-        return DENSE, module, "empty"
-    if config.is_skipped(module):
-        return DENSE, module, "skipped (--skip / modules_to_not_convert)"
-    return action, module, ""
 
 
 def _natural_key(name: str):

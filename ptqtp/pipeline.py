@@ -31,7 +31,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import format as fmt
-from . import loader
+from . import loader, selection
 from ._version import __version__
 from .config import INT_BASELINES, TritPlaneConfig
 from .device import resolve_device
@@ -76,7 +76,7 @@ class Shard:
 
 def _outputs(t: loader.SourceTensor, config: TritPlaneConfig) -> list[ckpt.TensorSpec]:
     """The tensors written for `t`: packed planes + fp16 scales when quantized, else `t` unchanged."""
-    if t.action == loader.DENSE or config.method in INT_BASELINES:
+    if t.action == selection.DENSE or config.method in INT_BASELINES:
         return [ckpt.TensorSpec(t.name, t.dtype, t.shape)]
     lead, (out, n) = t.shape[:-2], t.shape[-2:]  # lead = (E,) for fused experts
     return [ckpt.TensorSpec(t.name, torch.uint8, (*lead, *fmt.packed_shape(out, n))),
@@ -235,7 +235,7 @@ def _process(pt: PlannedTensor, device: torch.device, config: TritPlaneConfig, p
     """Read and quantize one source tensor: ([(name, tensor)] in plan order, report row)."""
     src = pt.source
     t0 = time.perf_counter()
-    if src.action == loader.QUANTIZE and config.method not in INT_BASELINES and src.name not in (planes or {}):
+    if src.action == selection.QUANTIZE and config.method not in INT_BASELINES and src.name not in (planes or {}):
         packed, scales, err, iters = _quantize_by_rows(src, device, config)
         row = _row(src, err, iters, time.perf_counter() - t0)
         return [(pt.outputs[0].name, packed), (pt.outputs[1].name, scales)], row
@@ -252,7 +252,7 @@ def _process(pt: PlannedTensor, device: torch.device, config: TritPlaneConfig, p
         err = _rel_error(w, q.to(torch.float32))
         row = _row(src, err, 0.0, time.perf_counter() - t0)
         return [(src.name, q.to(device="cpu", dtype=src.dtype).reshape(src.shape))], row
-    if src.action == loader.QUANTIZE:
+    if src.action == selection.QUANTIZE:
         packed, scales, err, iters = _quantize_matrix(w, src.name, config, planes)
     else:  # fused experts: each (out, in) slice is its own Linear
         parts = [_quantize_matrix(w[e], f"{src.name}[expert {e}]", config) for e in range(w.shape[0])]
@@ -323,7 +323,7 @@ def quantize_checkpoint(model, out, config: TritPlaneConfig | None = None, *, re
     src = loader.resolve_model(model, revision)
     hf_config = loader.check_source(src)
     sources = loader.list_tensors(src, config)
-    if not any(t.action != loader.DENSE for t in sources):
+    if not any(t.action != selection.DENSE for t in sources):
         raise UnsupportedCheckpointError(
             f"{src} has no Linear weights inside decoder layers (names like model.layers.0.mlp.up_proj.weight) "
             "left to quantize; this architecture is not supported, or --skip matched everything.")
@@ -358,7 +358,7 @@ def quantize_checkpoint(model, out, config: TritPlaneConfig | None = None, *, re
                 for pt in shard.tensors:
                     src_t = pt.source
                     bar.set_postfix_str(src_t.module[-40:], refresh=False)
-                    if src_t.action == loader.DENSE:  # bytes copied as they are, in chunks
+                    if src_t.action == selection.DENSE:  # bytes copied as they are, in chunks
                         begin, end = src_t.data_range
                         writer.copy_from_file(src_t.name, src_t.file, begin, end - begin)
                     else:
@@ -406,8 +406,7 @@ def _output_config(hf_config: dict, sources: list[loader.SourceTensor], config: 
                                  "note": "dense fake-quantized weights for comparison; loads as a plain model"}
         return cfg
     # every Linear-shaped weight left dense is recorded, so the loader keeps exactly those modules dense
-    dense = {t.module for t in sources if t.action == loader.DENSE and len(t.shape) >= 2
-             and t.name.endswith(".weight") and "embed" not in t.module.rsplit(".", 1)[-1]}
+    dense = selection.dense_linear_modules(sources)
     keep = tuple(dict.fromkeys([*config.modules_to_not_convert, *sorted(dense, key=loader._natural_key)]))
     cfg["quantization_config"] = config.replace(modules_to_not_convert=keep).to_dict()
     return cfg
@@ -444,9 +443,9 @@ def _peak_rss() -> int:
 
 
 def _report(src, model, out, sources, shards, rows, config, device, resumed, t_start, fingerprint) -> dict:
-    q_sources = [t for t in sources if t.action != loader.DENSE]
+    q_sources = [t for t in sources if t.action != selection.DENSE]
     q_weights = sum(math.prod(t.shape) for t in q_sources)
-    q_bytes = sum(p.nbytes for s in shards for p in s.tensors if p.source.action != loader.DENSE)
+    q_bytes = sum(p.nbytes for s in shards for p in s.tensors if p.source.action != selection.DENSE)
     before = sum(t.file.stat().st_size for t in {t.file: t for t in sources}.values())
     after = sum((out / s.name).stat().st_size for s in shards)
     errors = [r["relative_error"] for r in rows]

@@ -21,28 +21,8 @@ from .device import resolve_device
 from .errors import BadOptionError, CorruptCheckpointError
 from .modules import TritPlaneLinear
 from .packing import PackedTritPlanes
+from .selection import pinned_dense, select_linears
 
-
-
-def _always_dense_ids(model: nn.Module) -> set[int]:
-    """ids of Linears that stay dense: the output head and Linears tied to an embedding."""
-    keep: set[int] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    if head is not None:
-        keep.add(id(head))
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and id(m.weight) in embedding_weights:
-            keep.add(id(m))
-    return keep
-
-
-def convertible_linears(model: nn.Module, config: TritPlaneConfig) -> list[tuple[str, nn.Linear]]:
-    """(dotted name, module) of every `nn.Linear` that `config` quantizes, in model order."""
-    keep = _always_dense_ids(model)
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and id(m) not in keep and not config.is_skipped(name)]
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -69,10 +49,10 @@ def replace_linear(model: nn.Module, config: TritPlaneConfig | None = None, *,
     """
     config = config or TritPlaneConfig()
     if names is None:
-        targets = convertible_linears(model, config)
+        targets = select_linears(model, config)
     else:
         wanted = set(names)
-        keep = _always_dense_ids(model)
+        keep = pinned_dense(model)
         targets = [(n, m) for n, m in model.named_modules() if n in wanted and isinstance(m, nn.Linear)
                    and id(m) not in keep]
         missing = sorted(wanted - {n for n, _ in targets})
@@ -112,7 +92,7 @@ def quantize_model(model: nn.Module, config: TritPlaneConfig | None = None) -> n
         raise BadOptionError(f"method {config.method!r} yields dense fake-quantized weights, not trit-planes, so "
                              f"there is nothing to pack; use method {', '.join(repr(m) for m in TRIT_METHODS)}.")
     device = resolve_device(config.device, "device")
-    for name, linear in convertible_linears(model, config):
+    for name, linear in select_linears(model, config):
         if linear.weight.is_meta:
             raise BadOptionError(f"{name} has its weight on the meta device; load the model with real weights "
                                  "(no device_map offload) before quantize_model.")

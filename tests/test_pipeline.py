@@ -23,36 +23,6 @@ FAST = ptqtp.TritPlaneConfig(max_iters=3)
 CFG = ptqtp.TritPlaneConfig()
 
 
-@pytest.mark.parametrize("name, shape, action", [
-    ("model.layers.0.self_attn.q_proj.weight", (8, 8), loader.QUANTIZE),
-    ("model.layers.11.mlp.down_proj.weight", (8, 16), loader.QUANTIZE),
-    ("model.layers.0.mlp.experts.3.up_proj.weight", (8, 8), loader.QUANTIZE),  # per-expert Linear
-    ("model.layers.0.mlp.experts.gate_up_proj", (4, 16, 8), loader.QUANTIZE_EXPERTS),  # fused (E, out, in)
-    ("model.layers.0.mlp.experts.gate_up_proj_bias", (4, 16), loader.DENSE),
-    ("model.layers.0.mlp.gate.weight", (4, 8), loader.DENSE),  # MoE router
-    ("model.layers.0.block_sparse_moe.gate.weight", (4, 8), loader.DENSE),
-    ("model.layers.0.mlp.router.weight", (4, 8), loader.DENSE),
-    ("model.layers.0.mlp.shared_expert_gate.weight", (1, 8), loader.DENSE),
-    ("model.layers.0.input_layernorm.weight", (8,), loader.DENSE),
-    ("model.layers.0.self_attn.q_norm.weight", (8,), loader.DENSE),
-    ("model.layers.0.self_attn.q_proj.bias", (8,), loader.DENSE),
-    ("model.layers.0.mixer.conv1d.weight", (8, 1, 4), loader.DENSE),  # a 3-D tensor that is not experts
-    ("model.embed_tokens.weight", (32, 8), loader.DENSE),
-    ("lm_head.weight", (32, 8), loader.DENSE),
-    ("model.visual.blocks.layers.0.attn.qkv.weight", (24, 8), loader.DENSE),  # vision tower
-    ("model.vision_tower.encoder.layers.0.mlp.fc1.weight", (24, 8), loader.DENSE),
-])
-def test_which_tensors_are_quantized(name, shape, action):
-    assert loader.classify(name, shape, torch.bfloat16, CFG)[0] == action
-
-
-def test_skip_patterns_keep_linears_dense():
-    cfg = ptqtp.TritPlaneConfig(skip=(r"layers\.1\.",), modules_to_not_convert=("lm_head", "o_proj"))
-    assert loader.classify("model.layers.1.mlp.up_proj.weight", (8, 8), torch.float32, cfg)[0] == loader.DENSE
-    assert loader.classify("model.layers.0.self_attn.o_proj.weight", (8, 8), torch.float32, cfg)[0] == loader.DENSE
-    assert loader.classify("model.layers.0.mlp.up_proj.weight", (8, 8), torch.float32, cfg)[0] == loader.QUANTIZE
-
-
 def test_shard_plan_is_bounded_and_keeps_pairs_together(tiny_model_dir):
     sources = loader.list_tensors(tiny_model_dir("llama"), CFG)
     limit = 60_000
