@@ -487,19 +487,18 @@ def _save_layer(partial, result: LayerResult) -> None:
 
 def _load_layers(partial, group_size: int) -> dict[int, dict[str, TritPlanes]]:
     """Finished layers saved by an interrupted run (files are complete or absent: written atomically)."""
-    from safetensors.torch import load_file
-
+    from . import checkpoint as ckpt
     from .packing import PackedTritPlanes
 
     done: dict[int, dict[str, TritPlanes]] = {}
     for path in sorted(partial.glob("layer-*.safetensors")):
-        tensors = load_file(str(path))
+        header = ckpt.read_header(path)
         planes = {}
-        for key in tensors:
+        for key in header.tensors:
             if key.endswith(".packed"):
                 name = key[: -len(".packed")]
-                in_f = int(tensors[f"{name}.shape"][1])
-                p = PackedTritPlanes(tensors[key], tensors[f"{name}.scales"], in_f, group_size)
+                in_f = int(header.read(f"{name}.shape")[1])
+                p = PackedTritPlanes(header.read(key), header.read(f"{name}.scales"), in_f, group_size)
                 planes[name] = p.to_trit_planes()
         done[int(path.stem.split("-")[1])] = planes
     return done
@@ -584,7 +583,7 @@ def quantize_checkpoint_calibrated(model, out, config: TritPlaneConfig | None = 
         if (out / pipeline.MANIFEST_NAME).is_file():
             raise OutputExistsError(f"{out} holds an interrupted run without --calib; resume it without --calib, "
                                     "or pass --overwrite to start a calibrated run over.")
-        if (out / ckpt.CONFIG_NAME).is_file() and (out / pipeline.REPORT_NAME).is_file():  # finished already
+        if (out / ckpt.CONFIG_NAME).is_file() and (out / ckpt.REPORT_NAME).is_file():  # finished already
             return pipeline.quantize_checkpoint(src, out, config, resume=True, max_shard_size=max_shard_size,
                                                 show_progress=show_progress)
     if overwrite and partial.is_dir():
@@ -629,6 +628,6 @@ def quantize_checkpoint_calibrated(model, out, config: TritPlaneConfig | None = 
                              "damp": damp, "feedback": feedback, "weighted_scales": True, "refit_scales": True,
                              "act_order": feedback, "linears": len(planes), "calibration_seconds": round(calib_seconds, 2),
                              "wall_seconds": round(time.perf_counter() - t_start, 2)}
-    ckpt.atomic_write_json(out / pipeline.REPORT_NAME, report)
+    ckpt.atomic_write_json(out / ckpt.REPORT_NAME, report)
     shutil.rmtree(partial, ignore_errors=True)
     return report

@@ -30,6 +30,7 @@ from .errors import BadOptionError, CorruptCheckpointError, DiskFullError, Forma
 SINGLE_SHARD_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+REPORT_NAME = "ptqtp_report.json"  # what `ptqtp quantize` measured (per-tensor error, sizes, time); read by info, eval
 TMP_MARK = ".ptqtp-tmp"  # files holding this in their name are incomplete writes
 
 # torch dtype <-> safetensors dtype tag
@@ -114,9 +115,10 @@ def atomic_write_bytes(path, data: bytes) -> None:
         _raise_os(path, e)
 
 
-def atomic_write_json(path, obj) -> None:
-    """JSON with sorted keys and a trailing newline, so equal content gives equal bytes."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_json(path, obj, *, sort_keys: bool = True) -> None:
+    """JSON, indented, with a trailing newline, written atomically (`atomic_write_bytes`). Sorted keys (the
+    default) make equal content give equal bytes; `sort_keys=False` keeps a record's own order for readers."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode())
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,11 @@ def write_shard(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return w.sha256()
 
 
+def natural_key(name: str):
+    """Sort key that puts `layers.2` before `layers.10`, so shards and lists follow the model's layer order."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -259,6 +266,10 @@ class ShardHeader:
     offsets: dict[str, tuple[int, int]]
     metadata: dict[str, str]
     data_start: int
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor `name` of this file (`read_tensor`)."""
+        return read_tensor(self.path, self.tensors[name], self.data_start + self.offsets[name][0])
 
 
 def _corrupt(path, what: str) -> CorruptCheckpointError:
@@ -312,21 +323,25 @@ def read_header(path) -> ShardHeader:
     return ShardHeader(path, tensors, offsets, {str(k): str(v) for k, v in meta.items()}, 8 + n)
 
 
-def read_tensor(header: ShardHeader, name: str) -> torch.Tensor:
-    """One tensor read with plain file I/O (no mmap, so resident memory stays one tensor)."""
-    spec = header.tensors[name]
-    begin, end = header.offsets[name]
-    buf = bytearray(end - begin)
+def read_tensor(path, spec: TensorSpec, start: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The one way ptqtp reads tensor data: `spec`'s tensor, or its rows [r0, r1), from byte `start` of `path`.
+
+    Plain file I/O, no mmap, so resident memory stays what was asked for (rows are contiguous in safetensors'
+    row-major data); a short file or an unreadable one raises `CorruptCheckpointError` naming the file.
+    """
+    shape = spec.shape if rows is None else (rows[1] - rows[0], *spec.shape[1:])
+    row_bytes = nbytes(spec.dtype, spec.shape[1:]) if spec.shape else 0
+    buf = bytearray(nbytes(spec.dtype, shape))
     try:
-        with open(header.path, "rb") as f:
-            f.seek(header.data_start + begin)
+        with open(path, "rb") as f:
+            f.seek(start + (rows[0] * row_bytes if rows else 0))
             if f.readinto(buf) != len(buf):
-                raise _corrupt(header.path, f"short read of {name}")
+                raise _corrupt(path, f"{spec.name} ends early")
     except OSError as e:
-        raise CorruptCheckpointError(f"cannot read {header.path} ({e.strerror}); check the file.") from None
+        raise CorruptCheckpointError(f"cannot read {path} ({e.strerror}); check the file.") from None
     if not buf:
-        return torch.empty(spec.shape, dtype=spec.dtype)
-    return torch.frombuffer(buf, dtype=torch.uint8).view(spec.dtype).reshape(spec.shape)
+        return torch.empty(shape, dtype=spec.dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(spec.dtype).reshape(shape)
 
 
 def shard_files(model_dir) -> list[pathlib.Path]:
@@ -458,9 +473,9 @@ def validate_checkpoint(model_dir, *, deep: bool = False) -> CheckpointInfo:
 
 
 def _deep_check(header: ShardHeader, name: str, sname: str) -> None:
-    packed = read_tensor(header, name)
+    packed = header.read(name)
     if packed.numel() and int(packed.max()) >= 3 ** fmt.TRITS_PER_BYTE:
         raise _corrupt(header.path, f"{name} holds byte values above 242, impossible in base-3 packing")
-    scales = read_tensor(header, sname)
+    scales = header.read(sname)
     if not torch.isfinite(scales).all():
         raise _corrupt(header.path, f"{sname} holds NaN or Inf scales")

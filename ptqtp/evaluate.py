@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from . import format as fmt
+from .checkpoint import REPORT_NAME, atomic_write_json
 from . import hf
 from ._version import __version__
 from .device import resolve_device
@@ -41,7 +42,6 @@ NAMED_TEXTS = {
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 TASKS_DIR = _SOURCE_ROOT / "eval" / "tasks"
 DATA_DIR = _SOURCE_ROOT / "eval" / "data"
-REPORT_FILE = "ptqtp_report.json"
 BASELINE_KEY = "ptqtp_baseline"  # config.json block of the dense fake-quant int RTN baselines
 # lm-eval bootstraps the stderr of non-mean metrics (LAMBADA perplexity); 1000 resamples keep that to
 # seconds instead of minutes and the value itself does not depend on it.
@@ -365,7 +365,7 @@ def model_metadata(path: str, model) -> dict:
     per weight are nominal: b bits plus an fp16 scale and zero per group.
     """
     p = Path(path)
-    report = _read_json(p / REPORT_FILE) if p.is_dir() else {}
+    report = _read_json(p / REPORT_NAME) if p.is_dir() else {}
     qc = getattr(model.config, "quantization_config", None)
     if qc is not None and not isinstance(qc, dict):
         qc = qc.to_dict() if hasattr(qc, "to_dict") else vars(qc)
@@ -413,20 +413,6 @@ def environment() -> dict:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def write_json_atomic(obj: dict, path: str) -> None:
-    """Write to a temp file beside `path`, then rename: a crash never leaves half a results file."""
-    out = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -503,7 +489,7 @@ def run_eval_cli(args) -> int:
         data_dir=args.data_dir, seed=args.seed, log=lambda msg: print(msg, file=sys.stderr),
     )
     if args.output:
-        write_json_atomic(record, str(Path(args.output).expanduser()))
+        atomic_write_json(Path(args.output).expanduser(), record, sort_keys=False)
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         print(json.dumps(record, indent=2))

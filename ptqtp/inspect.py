@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 
 from . import format as fmt
 from .config import TritPlaneConfig
-from .checkpoint import validate_checkpoint
+from .checkpoint import REPORT_NAME, validate_checkpoint
 from .errors import CorruptCheckpointError, ModelNotFoundError
 
 # Token counts shown for the backend choice: one decode step, and a long prefill chunk.
 DECODE_M = 1
 PREFILL_M = 2048
-REPORT_FILE = "ptqtp_report.json"
 WORST_N = 5
 
 
@@ -101,7 +100,7 @@ def describe(path: str) -> Summary:
         base = name[: -len("." + fmt.WEIGHT_SUFFIX)] if name.endswith("." + fmt.WEIGHT_SUFFIX) else name
         summary.quantized.append(QuantizedTensor(base, out * math.prod(lead[:-1]), in_features, exact,
                                                  packed.nbytes + scales.nbytes))
-    report_path = os.path.join(path, REPORT_FILE)
+    report_path = os.path.join(path, REPORT_NAME)
     if os.path.isfile(report_path):
         try:
             with open(report_path) as f:
@@ -211,12 +210,12 @@ def format_summary(s: Summary) -> str:
     if errors:
         values = [e for _, e in errors]
         lines.append(f"relative error    mean {sum(values) / len(values):.4f}, max {max(values):.4f} "
-                     f"over {len(values)} tensors (||W - W_q|| / ||W||, from {REPORT_FILE})")
+                     f"over {len(values)} tensors (||W - W_q|| / ||W||, from {REPORT_NAME})")
         lines.append("worst tensors")
         for name, err in sorted(errors, key=lambda x: -x[1])[:WORST_N]:
             lines.append(f"  {err:.4f}  {name}")
     else:
-        lines.append(f"relative error    no {REPORT_FILE} here (it is written by `ptqtp quantize`)")
+        lines.append(f"relative error    no {REPORT_NAME} here (it is written by `ptqtp quantize`)")
     if s.quantized:
         t = max(s.quantized, key=lambda q: q.out_features * q.in_features)
         for label, m in (("decode", DECODE_M), ("prefill", PREFILL_M)):

@@ -1,16 +1,14 @@
 """The source side of `ptqtp quantize`: resolve MODEL, list its tensors, pick what to quantize, stream tensors.
 
 Imports `errors`, `config`, `checkpoint`, `selection`; `huggingface_hub` only when MODEL is a hub id. The model
-class is never instantiated: `selection` picks tensors from their names and shapes in the safetensors headers, and
-read one at a time (`safetensors.safe_open`, opened per tensor so no mapping of a whole shard stays resident).
+class is never instantiated: `selection` picks tensors from their names and shapes in the safetensors headers,
+and each is read when needed, whole or by rows (`SourceTensor.read`, plain file I/O: no mapping of a shard).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import pathlib
-import re
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +34,11 @@ class SourceTensor:
     module: str  # the owning module's dotted name (the name without `.weight`)
     reason: str  # why it stays dense ("" when quantized)
     data_range: tuple[int, int]  # absolute byte range of the tensor's data in `file`
+
+    def read(self, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or rows [r0, r1) of it (`checkpoint.read_tensor`, plain file I/O; errors name the file)."""
+        return ckpt.read_tensor(self.file, ckpt.TensorSpec(self.name, self.dtype, self.shape), self.data_range[0],
+                                rows)
 
 
 def _looks_like_path(model: str) -> bool:
@@ -113,11 +116,6 @@ def check_source(model_dir: pathlib.Path) -> dict:
     return cfg
 
 
-def _natural_key(name: str):
-    """`layers.2` before `layers.10`, so shards follow the model's layer order."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
 def list_tensors(model_dir: pathlib.Path, config: TritPlaneConfig) -> list[SourceTensor]:
     """Every tensor of the source, in natural name order, classified; headers only, no tensor data."""
     found: dict[str, SourceTensor] = {}
@@ -131,31 +129,4 @@ def list_tensors(model_dir: pathlib.Path, config: TritPlaneConfig) -> list[Sourc
             begin, end = header.offsets[name]
             found[name] = SourceTensor(name, path, spec.dtype, spec.shape, action, module, reason,
                                        (header.data_start + begin, header.data_start + end))
-    return [found[n] for n in sorted(found, key=_natural_key)]
-
-
-def read_rows(t: SourceTensor, r0: int, r1: int) -> torch.Tensor:
-    """Rows [r0, r1) of a tensor, read with plain file I/O (rows are contiguous in safetensors' row-major data)."""
-    row_bytes = math.prod(t.shape[1:]) * t.dtype.itemsize
-    buf = bytearray((r1 - r0) * row_bytes)
-    try:
-        with open(t.file, "rb") as f:
-            f.seek(t.data_range[0] + r0 * row_bytes)
-            got = f.readinto(buf)
-    except OSError as e:
-        raise CorruptCheckpointError(f"cannot read {t.name} from {t.file} ({e.strerror}); check the file.") from None
-    if got != len(buf):
-        raise CorruptCheckpointError(f"{t.file} ends inside {t.name}; the file is truncated: download it again.")
-    return torch.frombuffer(buf, dtype=torch.uint8).view(t.dtype).reshape(r1 - r0, *t.shape[1:])
-
-
-def read_tensor(t: SourceTensor) -> torch.Tensor:
-    """Load one tensor; the file is opened for this tensor only, and errors name the file."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(t.file), framework="pt") as f:
-            return f.get_tensor(t.name)
-    except Exception as e:  # safetensors raises its own SafetensorError for bad bytes
-        raise CorruptCheckpointError(f"cannot read {t.name} from {t.file} ({str(e).splitlines()[0]}); the file "
-                                     "is truncated or corrupted: download it again.") from None
+    return [found[n] for n in sorted(found, key=ckpt.natural_key)]

@@ -38,10 +38,9 @@ from .device import resolve_device
 from .errors import BadOptionError, OutputExistsError, PtqtpError, UnsupportedCheckpointError
 
 MANIFEST_NAME = "ptqtp_manifest.json"
-REPORT_NAME = "ptqtp_report.json"
 # Non-weight files copied from the source: configs, tokenizer, chat template, remote code.
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
-_NOT_COPIED = {ckpt.CONFIG_NAME, ckpt.INDEX_NAME, MANIFEST_NAME, REPORT_NAME}
+_NOT_COPIED = {ckpt.CONFIG_NAME, ckpt.INDEX_NAME, MANIFEST_NAME, ckpt.REPORT_NAME}
 # Weights solved per step when a Linear is split by rows: bounds peak memory (the result does not depend on it).
 _ROW_CHUNK_ELEMS = {"cpu": 1 << 23, "cuda": 1 << 27}
 # Debugging aid: sleep this many seconds after each tensor (lets tests interrupt a run midway).
@@ -222,7 +221,7 @@ def _quantize_by_rows(src: loader.SourceTensor, device: torch.device, config: Tr
     err2 = ref2 = iters = 0.0
     for r0 in range(0, out_f, rows):
         r1 = min(out_f, r0 + rows)
-        w = loader.read_rows(src, r0, r1).to(device=device, dtype=torch.float32)  # (rows, in)
+        w = src.read((r0, r1)).to(device=device, dtype=torch.float32)  # (rows, in)
         p, sc, e, it = _quantize_matrix(w, src.name, config)
         packed[:, r0:r1], scales[:, r0:r1] = p, sc
         norm2 = float(torch.linalg.vector_norm(w, dtype=torch.float64)) ** 2
@@ -239,7 +238,7 @@ def _process(pt: PlannedTensor, device: torch.device, config: TritPlaneConfig, p
         packed, scales, err, iters = _quantize_by_rows(src, device, config)
         row = _row(src, err, iters, time.perf_counter() - t0)
         return [(pt.outputs[0].name, packed), (pt.outputs[1].name, scales)], row
-    t = loader.read_tensor(src)
+    t = src.read()
     w = t.to(device=device, dtype=torch.float32)  # (out, in) or (E, out, in)
     del t
     if config.method in INT_BASELINES:
@@ -331,7 +330,7 @@ def quantize_checkpoint(model, out, config: TritPlaneConfig | None = None, *, re
     shards = plan_shards(sources, config, max_bytes)
     fingerprint = _fingerprint(sources, config, shards, sorted(planes or ()))
     manifest = _prepare_output(out, src, resume, overwrite)
-    if resume and manifest is None and (out / ckpt.CONFIG_NAME).is_file() and (out / REPORT_NAME).is_file():
+    if resume and manifest is None and (out / ckpt.CONFIG_NAME).is_file() and (out / ckpt.REPORT_NAME).is_file():
         return _already_complete(out, fingerprint, show_progress)
     if manifest is not None and manifest.get("fingerprint") != fingerprint:
         raise OutputExistsError(f"{out} holds an interrupted run of another model or other options; rerun with "
@@ -383,7 +382,7 @@ def quantize_checkpoint(model, out, config: TritPlaneConfig | None = None, *, re
         total = sum(s.nbytes for shard in shards for s in shard.specs)
         ckpt.atomic_write_json(out / ckpt.INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
     report = _report(src, model, out, sources, shards, rows, config, device, resumed, t_start, fingerprint)
-    ckpt.atomic_write_json(out / REPORT_NAME, report)
+    ckpt.atomic_write_json(out / ckpt.REPORT_NAME, report)
     ckpt.atomic_write_json(out / ckpt.CONFIG_NAME, _output_config(hf_config, sources, config))
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     if show_progress:
@@ -407,7 +406,7 @@ def _output_config(hf_config: dict, sources: list[loader.SourceTensor], config: 
         return cfg
     # every Linear-shaped weight left dense is recorded, so the loader keeps exactly those modules dense
     dense = selection.dense_linear_modules(sources)
-    keep = tuple(dict.fromkeys([*config.modules_to_not_convert, *sorted(dense, key=loader._natural_key)]))
+    keep = tuple(dict.fromkeys([*config.modules_to_not_convert, *sorted(dense, key=ckpt.natural_key)]))
     cfg["quantization_config"] = config.replace(modules_to_not_convert=keep).to_dict()
     return cfg
 
@@ -416,7 +415,7 @@ def _already_complete(out: pathlib.Path, fingerprint: str, show_progress: bool) 
     """`--resume` on a finished directory: check it and return its report instead of redoing the work."""
     if "quantization_config" in ckpt.read_hf_config(out):
         ckpt.validate_checkpoint(out)
-    report = json.loads((out / REPORT_NAME).read_text())
+    report = json.loads((out / ckpt.REPORT_NAME).read_text())
     if report.get("fingerprint") != fingerprint:
         raise OutputExistsError(f"{out} holds a finished run of another model or other options; pass --overwrite "
                                 "to replace it.")

@@ -101,15 +101,15 @@ def build_checkpoint(out: pathlib.Path, shape: dict, shard_bytes: int, device: s
 
 _BASELINE = """
 import sys, time, torch
-from ptqtp import loader
+from ptqtp import loader, selection
 from ptqtp.config import TritPlaneConfig
 from ptqtp.pipeline import _peak_rss
 t0 = time.perf_counter()
 dev = torch.device(sys.argv[2])
 n = 0
 for t in loader.list_tensors(loader.resolve_model(sys.argv[1]), TritPlaneConfig()):
-    x = loader.read_tensor(t)
-    x = x.to(dev, torch.float32) if t.action != loader.DENSE else x
+    x = t.read()
+    x = x.to(dev, torch.float32) if t.action != selection.DENSE else x
     float(x.sum())  # touch every byte
     n += 1
     del x
