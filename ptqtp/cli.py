@@ -56,7 +56,7 @@ def _add_quantize(sub):
 
 
 def _run_quantize(args) -> int:
-    from .pipeline import run_quantize_cli
+    from .quantize import run_quantize_cli
 
     return run_quantize_cli(args)
 

@@ -16,7 +16,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import TritPlaneConfig
 from .errors import CorruptCheckpointError, ModelNotFoundError, UnsupportedCheckpointError
-from .selection import classify
+from .selection import DENSE, classify
 
 # What a hub download fetches: weights as safetensors, configs, tokenizer and chat-template files.
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.txt",
@@ -130,3 +130,25 @@ def list_tensors(model_dir: pathlib.Path, config: TritPlaneConfig) -> list[Sourc
             found[name] = SourceTensor(name, path, spec.dtype, spec.shape, action, module, reason,
                                        (header.data_start + begin, header.data_start + end))
     return [found[n] for n in sorted(found, key=ckpt.natural_key)]
+
+
+@dataclass
+class Source:
+    """A checked source folder: its path, its config.json and every tensor, classified."""
+
+    path: pathlib.Path
+    hf_config: dict
+    tensors: list[SourceTensor]
+
+
+def open_source(model, revision: str | None, config: TritPlaneConfig) -> Source:
+    """MODEL resolved (`resolve_model`), checked (`check_source`) and listed (`list_tensors`); refused when no
+    tensor is left to quantize."""
+    path = resolve_model(model, revision)
+    hf_config = check_source(path)
+    tensors = list_tensors(path, config)
+    if not any(t.action != DENSE for t in tensors):
+        raise UnsupportedCheckpointError(
+            f"{path} has no Linear weights inside decoder layers (names like model.layers.0.mlp.up_proj.weight) "
+            "left to quantize; this architecture is not supported, or --skip matched everything.")
+    return Source(path, hf_config, tensors)

@@ -31,6 +31,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ptqtp import checkpoint as ckpt  # noqa: E402
+from ptqtp.writer import parse_size  # noqa: E402
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings
@@ -103,7 +104,7 @@ _BASELINE = """
 import sys, time, torch
 from ptqtp import loader, selection
 from ptqtp.config import TritPlaneConfig
-from ptqtp.pipeline import _peak_rss
+from ptqtp.writer import peak_rss
 t0 = time.perf_counter()
 dev = torch.device(sys.argv[2])
 n = 0
@@ -115,7 +116,7 @@ for t in loader.list_tensors(loader.resolve_model(sys.argv[1]), TritPlaneConfig(
     del x
 if dev.type == "cuda":
     torch.cuda.synchronize()
-print(time.perf_counter() - t0, n, _peak_rss())
+print(time.perf_counter() - t0, n, peak_rss())
 """
 
 
@@ -156,7 +157,7 @@ def main() -> None:
     src, out = work / "src", work / "out"
     try:
         t0 = time.perf_counter()
-        size = build_checkpoint(src, shape, ckpt.parse_size(args.shard_size), device)
+        size = build_checkpoint(src, shape, parse_size(args.shard_size), device)
         print(f"synthetic {args.shape} checkpoint, {shape['layers']} layers: {size / 1e9:.2f} GB "
               f"(built in {time.perf_counter() - t0:.1f} s)", flush=True)
         base_s, n_tensors, base_rss = run_baseline(src, device)

@@ -146,7 +146,7 @@ def test_info_counts_bits_per_weight_from_the_files(tiny_model_dir, tmp_path):
 
 
 def _quantized_tiny(tiny_model_dir, tmp_path) -> pathlib.Path:
-    from ptqtp.pipeline import quantize_checkpoint
+    from ptqtp import quantize_checkpoint
 
     out = tmp_path / "tiny-ptqtp"
     quantize_checkpoint(str(tiny_model_dir("llama")), str(out), ptqtp.TritPlaneConfig(max_iters=5),
