@@ -415,6 +415,13 @@ class CheckpointInfo:
         return sum(p.nbytes + s.nbytes for p, s in self.quantized.values())
 
 
+def looks_like_path(ref: str) -> bool:
+    """True for a model reference that cannot be a hub id (`name` or `owner/name`): absolute, relative with ./
+    or ~, deeper than owner/name, or with backslashes. Such a reference names a folder, and a missing folder
+    is reported as one (never sent to the hub)."""
+    return os.path.isabs(ref) or ref.startswith((".", "~")) or ref.count("/") > 1 or "\\" in ref
+
+
 def read_hf_config(model_dir) -> dict:
     path = pathlib.Path(model_dir) / CONFIG_NAME
     if not path.is_file():

@@ -128,7 +128,7 @@ def _add_info(sub):
 
 
 def _run_info(args) -> int:
-    from .inspect import run_info_cli
+    from .info import run_info_cli
 
     return run_info_cli(args)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import format as fmt
 from ._version import __version__
@@ -20,6 +20,7 @@ TRIT_METHODS = ("ptqtp", "paper", "rtn-ternary")
 INT_BASELINES = {"rtn-int2": 2, "rtn-int3": 3}
 METHODS = (*TRIT_METHODS, *INT_BASELINES)
 BASELINES = tuple(m for m in METHODS if m.startswith("rtn-"))  # compared against, never recommended
+BASELINE_KEY = "ptqtp_baseline"  # config.json block that labels an integer baseline's dense checkpoint
 
 # Modules that stay dense unless the user says otherwise: the output head (and embeddings, which are
 # not Linears and are never touched).

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checkpoint as ckpt
-from .config import TritPlaneConfig
+from .config import BASELINE_KEY, TritPlaneConfig
 from .errors import CorruptCheckpointError, ModelNotFoundError, UnsupportedCheckpointError
 from .selection import DENSE, classify
 
@@ -41,11 +41,6 @@ class SourceTensor:
                                 rows)
 
 
-def _looks_like_path(model: str) -> bool:
-    """Hub ids are `name` or `owner/name`; anything else path-like is meant as a folder."""
-    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
-
-
 def resolve_model(model, revision: str | None = None) -> pathlib.Path:
     """A local folder as is; otherwise a hub id downloaded (safetensors only) into the HF cache.
 
@@ -56,7 +51,7 @@ def resolve_model(model, revision: str | None = None) -> pathlib.Path:
         return p
     if p.exists():
         raise ModelNotFoundError(f"{model} is a file, not a model folder; pass the folder holding config.json.")
-    if _looks_like_path(str(model)):
+    if ckpt.looks_like_path(str(model)):
         raise ModelNotFoundError(f"folder {model} does not exist; check the path (or pass a hub id like "
                                  "Qwen/Qwen3-8B).")
     return _download(str(model), revision)
@@ -102,7 +97,7 @@ def check_source(model_dir: pathlib.Path) -> dict:
         method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
         raise UnsupportedCheckpointError(f"{model_dir} is already quantized (quant_method {method!r}); quantize "
                                          "the original full-precision model instead.")
-    if "ptqtp_baseline" in cfg:
+    if BASELINE_KEY in cfg:
         raise UnsupportedCheckpointError(f"{model_dir} is a ptqtp baseline (fake-quantized weights); quantize "
                                          "the original full-precision model instead.")
     if not ckpt.shard_files(model_dir):

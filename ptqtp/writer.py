@@ -38,7 +38,7 @@ from . import checkpoint as ckpt
 from . import format as fmt
 from . import selection
 from ._version import __version__
-from .config import INT_BASELINES, TritPlaneConfig
+from .config import BASELINE_KEY, INT_BASELINES, TritPlaneConfig
 from .errors import BadOptionError, OutputExistsError
 from .progress import progress_bar
 
@@ -317,7 +317,7 @@ def _output_config(hf_config: dict, sources: list, config: TritPlaneConfig) -> d
     """config.json of OUT: the source's, plus `quantization_config` (or a `ptqtp_baseline` block for int RTN)."""
     cfg = dict(hf_config)
     if config.method in INT_BASELINES:
-        cfg["ptqtp_baseline"] = {"method": config.method, "bits": INT_BASELINES[config.method],
+        cfg[BASELINE_KEY] = {"method": config.method, "bits": INT_BASELINES[config.method],
                                  "group_size": config.group_size, "ptqtp_version": __version__,
                                  "note": "dense fake-quantized weights for comparison; loads as a plain model"}
         return cfg

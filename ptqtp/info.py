@@ -1,8 +1,10 @@
 """`ptqtp info`: what a quantized directory holds and which kernel would run it here.
 
 Reads config.json, the safetensors headers (never the tensor data) and `ptqtp_report.json` when present,
-and asks `ptqtp.backends` which kernel it would pick. Imports no transformers and no triton, so it answers
-in well under a second even for a 70B checkpoint. Must not import cli, pipeline or hf.
+and asks `ptqtp.backends` which kernel it would pick; no model is built, so the answer does not grow with the
+checkpoint. Imports `checkpoint`, `config`, `format`, `errors` and `backends` (lazily); never transformers,
+triton, `cli`, `hf` or the quantize-time modules. (Named `info`, after the command: `inspect` is the standard
+library's.)
 """
 
 from __future__ import annotations
