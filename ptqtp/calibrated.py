@@ -8,9 +8,10 @@ kept in OUT/.calib-partial (with the options and calibration tokens it was made 
 checkpoint is complete; on --resume the stored planes are reloaded and the activations replayed through them
 (identical to an uninterrupted run).
 
-Imports `calibration`, `calibration_data`, `loader`, `converter`, `writer`, `checkpoint`, `packing`, `config`,
-`device`, `progress` and `errors`; transformers (model, tokenizer) inside `quantize_checkpoint_calibrated`
-only; never the calibration-free `pipeline`.
+Imports `calibration` (with `hessian_fit`'s defaults), `calibration_data`, `loader`, `converter`, `writer`,
+`checkpoint` and `packing` (the saved layers), `selection`, `solver`, `config`, `device`, `progress`, `errors`
+and `_version`; transformers (model, tokenizer) inside `quantize_checkpoint_calibrated` only; never the
+calibration-free `pipeline`.
 """
 
 from __future__ import annotations

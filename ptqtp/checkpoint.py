@@ -1,13 +1,15 @@
-"""Safetensors shards on disk: atomic streaming writes, index, metadata, and validation of ptqtp directories.
+"""Safetensors files and ptqtp directories on disk, at the file level: atomic streaming writes, the one tensor
+reader, headers, metadata, the names of the files a ptqtp directory holds, atomic JSON, and validation.
 
-Imports only `errors`, `format`, `config` (and `_version`). Never imports transformers.
+Imports only `errors`, `format` and `config`; never transformers. What goes into an output directory, and
+when, is `writer`'s business; this module only writes and reads files safely.
 
 Shards are written by `ShardWriter`: the header is computed up front from the planned tensor list, so tensors
 stream into the file one at a time (peak memory is one tensor, not one shard) and the bytes depend only on
 the plan and the tensor values, never on timing or dict order. A shard appears under its final name only
 when complete (temp name, fsync, `os.replace`). Reading goes through `read_header`, which checks a file's
-structure and names the file in every error, so truncation or corruption never surfaces as a crash deep
-inside safetensors.
+structure and names the file in every error, and `read_tensor` (plain file I/O, whole tensors or row ranges,
+no mmap), so truncation or corruption never surfaces as a crash deep inside safetensors.
 """
 
 from __future__ import annotations

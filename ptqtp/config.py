@@ -1,6 +1,6 @@
-"""`TritPlaneConfig`: what to quantize and how, frozen and versioned.
+"""`TritPlaneConfig`: what to quantize and how, frozen and versioned; and the list of methods.
 
-Imports only `errors` and `format`. The same object drives the CLI, `quantize_model`,
+Imports only `errors`, `format` and `_version`; no torch. The same object drives the CLI, `quantize_model`,
 `quantize_checkpoint` and the `quantization_config` written to config.json (`to_dict` / `from_dict`).
 """
 

@@ -3,8 +3,8 @@ and `ptqtp quantize` (`run_quantize_cli`).
 
 The choice between calibration-free and calibrated quantization is made here and nowhere below: `pipeline`
 and `calibrated` each write through `writer` and never import each other. Imports `pipeline`, `calibrated`,
-`selection`, `modules`, `solver`, `packing`, `config`, `device` and `errors`; transformers only through
-calibrated mode.
+`hessian_fit` (calibration defaults), `selection`, `modules`, `solver`, `packing`, `config`, `device` and
+`errors`; transformers only through calibrated mode.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Loading: Linears of a model become empty `TritPlaneLinear` shells (`replace_linear`), whose buffers the
 checkpoint then fills.
 
-Imports `modules`, `config`, `selection` and `errors`; never transformers. Works on any `nn.Module`; the
+Imports `modules`, `config`, `selection` and `errors` (and `quantize`, lazily, for the former name
+`replace.quantize_model`); never transformers. Works on any `nn.Module`; the
 transformers quantizer in `hf.py` calls `replace_linear` on a model built on `meta`, with the names the
 checkpoint stores packed. Without names, `selection` decides, as it does for `ptqtp quantize`; either way the
 output head and Linears tied to an embedding stay dense. In-memory quantization is `quantize.quantize_model`.

@@ -2,7 +2,7 @@
 versions and machine that produced them.
 
 Imports `checkpoint` (the report's file name), `config` (the baseline block's key), `format` (bits per weight)
-and `_version`; transformers only to read its version.
+and `_version` (ptqtp's own); transformers only to read its version.
 """
 
 from __future__ import annotations
