@@ -177,7 +177,8 @@ def quantize_checkpoint_calibrated(src, dst, config: TritPlaneConfig | None = No
                                      max_shard_size=max_bytes, show_progress=show_progress, precomputed=list(planes))
     report["calibration"] = {"file": str(calib_path), "samples": calib_samples, "seq_len": calib_seq_len,
                              "damp": damp, "feedback": feedback, "weighted_scales": True, "refit_scales": True,
-                             "act_order": feedback, "linears": len(planes), "calibration_seconds": round(calib_seconds, 2),
+                             "act_order": feedback, "linears": len(planes),
+                             "calibration_seconds": round(calib_seconds, 2),
                              "wall_seconds": round(time.perf_counter() - t_start, 2)}
     writer.write_report(out, report)
     shutil.rmtree(partial, ignore_errors=True)

@@ -27,7 +27,7 @@ import torch
 
 from . import format as fmt
 from .config import TritPlaneConfig
-from .errors import BadOptionError, CorruptCheckpointError, DiskFullError, FormatVersionError, UnsupportedCheckpointError
+from .errors import CorruptCheckpointError, DiskFullError, FormatVersionError, UnsupportedCheckpointError
 
 SINGLE_SHARD_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -69,22 +69,6 @@ def ptqtp_metadata() -> dict[str, str]:
     """Safetensors `__metadata__` of every shard ptqtp writes."""
     return {fmt.META_FORMAT: "pt", fmt.META_QUANT_METHOD: fmt.QUANT_METHOD,
             fmt.META_FORMAT_VERSION: str(fmt.FORMAT_VERSION)}
-
-
-def parse_size(value) -> int:
-    """'5GB' / '500MB' / '64KiB' / 1000000 -> bytes (GB = 10^9, GiB = 2^30, as transformers reads them)."""
-    if isinstance(value, int) and value > 0:
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(value), flags=re.IGNORECASE)
-    if not m:
-        raise BadOptionError(f"--max-shard-size {value!r} is not a size; use e.g. 5GB, 500MB or a byte count.")
-    unit = (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    n = int(float(m.group(1)) * mult)
-    if n <= 0:
-        raise BadOptionError(f"--max-shard-size must be positive, got {value!r}.")
-    return n
 
 
 def _disk_full(path, e: OSError) -> DiskFullError:
@@ -241,6 +225,15 @@ def write_shard(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
         for s in specs:
             w.write(s.name, tensors[s.name])
     return w.sha256()
+
+
+def human_size(n: float) -> str:
+    """A byte count as people read file sizes, in powers of 1000: `433 B`, `1.5 MB`."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def natural_key(name: str):

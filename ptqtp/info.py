@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from . import format as fmt
 from .config import TritPlaneConfig
-from .checkpoint import REPORT_NAME, validate_checkpoint
+from .checkpoint import REPORT_NAME, human_size, validate_checkpoint
 from .errors import CorruptCheckpointError, ModelNotFoundError
 
 # Token counts shown for the backend choice: one decode step, and a long prefill chunk.
@@ -168,14 +168,6 @@ def selected_backend(m: int, n: int, k: int, group_size: int, hf_config: dict, d
 
 # ---------------------------------------------------------------------------------------------- output
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
-
-
 def _report_errors(report: dict) -> list[tuple[str, float]]:
     """(tensor, relative error) pairs from the report's per-tensor records."""
     tensors = report.get("tensors") or {}
@@ -200,13 +192,13 @@ def format_summary(s: Summary) -> str:
         f"bits per weight   {s.bits_per_weight:.3f}{'' if exact else ' (approx.)'} (quantized Linears, from the files)"
         if s.quantized else f"bits per weight   - (no packed tensors: method {c.method} stores fake-quantized dense weights)",
         f"tensors           {len(s.quantized)} quantized Linears ({s.quantized_weights:,} weights), "
-        f"{s.dense_tensors} dense tensors ({_size(s.dense_bytes)})",
+        f"{s.dense_tensors} dense tensors ({human_size(s.dense_bytes)})",
         f"kept dense        {', '.join(c.modules_to_not_convert + c.skip) or '-'}",
     ]
     before = (s.report or {}).get("totals", {}).get("size_before_bytes") if s.report else None
-    size = f"size on disk      {_size(s.disk_bytes)}"
+    size = f"size on disk      {human_size(s.disk_bytes)}"
     if isinstance(before, (int, float)) and before > 0:
-        size += f" (dense original {_size(before)}, {before / s.disk_bytes:.2f}x smaller)"
+        size += f" (dense original {human_size(before)}, {before / s.disk_bytes:.2f}x smaller)"
     lines.append(size)
     errors = _report_errors(s.report) if s.report else []
     if errors:

@@ -278,8 +278,8 @@ def write_checkpoint(source, out, config: TritPlaneConfig, convert: Converter, *
                         del tensors
                         shard_rows.append(row)
                     bar.update(1)
-            manifest["shards"][shard.name] = {"name": shard.name, "size": shard_file.size, "sha256": shard_file.sha256(),
-                                              "rows": shard_rows}
+            manifest["shards"][shard.name] = {"name": shard.name, "size": shard_file.size,
+                                              "sha256": shard_file.sha256(), "rows": shard_rows}
             ckpt.atomic_write_json(out / MANIFEST_NAME, manifest)
             rows.extend(shard_rows)
     finally:
@@ -384,29 +384,21 @@ def _report(src, model, out, sources, shards, rows, config, device, resumed, t_s
             "tensors": rows, "totals": totals}
 
 
-def _size(n) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1000
-    return str(n)
-
-
 def format_summary(report: dict) -> str:
     """The table printed at the end of a run."""
     t = report["totals"]
     bpw = f"{t['bits_per_weight']:.3f}" if t["bits_per_weight"] else "dense (baseline)"
     err = f"{t['mean_relative_error']:.4f} (max {t['max_relative_error']:.4f})" if t["mean_relative_error"] is not None else "-"
     rows = [
-        ("size before", _size(t["size_before_bytes"])),
-        ("size after", _size(t["size_after_bytes"])),
+        ("size before", ckpt.human_size(t["size_before_bytes"])),
+        ("size after", ckpt.human_size(t["size_after_bytes"])),
         ("ratio", f"{t['compression_ratio']:.2f}x"),
         ("bits per weight", bpw + f" over {t['quantized_tensors']} quantized tensors"),
         ("mean rel. error", err),
         ("time", f"{t['wall_time_s']:.1f} s" + (f" ({t['shards_resumed']} shards resumed)" if t["shards_resumed"] else "")),
-        ("peak RSS", _size(t["peak_rss_bytes"])),
+        ("peak RSS", ckpt.human_size(t["peak_rss_bytes"])),
     ]
     if t.get("cuda_max_allocated_bytes"):
-        rows.append(("peak CUDA", _size(t["cuda_max_allocated_bytes"])))
+        rows.append(("peak CUDA", ckpt.human_size(t["cuda_max_allocated_bytes"])))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -17,7 +17,8 @@ def test_former_keyword_names_give_the_same_checkpoint(tiny_model_dir, tmp_path)
     src = tiny_model_dir("llama")
     ptqtp.quantize_checkpoint(src, tmp_path / "new", RTN, show_progress=False)
     ptqtp.quantize_checkpoint(model=src, out=tmp_path / "old", config=RTN, show_progress=False)
-    assert (tmp_path / "old" / "model.safetensors").read_bytes() == (tmp_path / "new" / "model.safetensors").read_bytes()
+    old, new = (tmp_path / d / "model.safetensors" for d in ("old", "new"))
+    assert old.read_bytes() == new.read_bytes()
     with pytest.raises(BadOptionError, match="src= only"):
         ptqtp.quantize_checkpoint(src, tmp_path / "x", RTN, model=src)
     with pytest.raises(BadOptionError, match="needs dst"):
