@@ -11,7 +11,6 @@ import sys
 class _NoBar:
     def update(self, n=1): pass
     def set_postfix_str(self, s, refresh=True): pass
-    def set_description(self, desc, refresh=True): pass
     def close(self): pass
 
 
