@@ -14,31 +14,31 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PKG = ROOT / "ptqtp"
 DESIGN = ROOT / "docs" / "design.md"
-SUBPACKAGE = "backends"  # one row for the whole subpackage; imports inside it are its own business
 NOT_MODULES = {"triton_kernels", "_C", "_C_cuda"}  # installed into ptqtp but not Python modules of this tree
 
 
 def _module_of(path: pathlib.Path) -> str:
+    """A module's row name; a subpackage (`backends/`) has one row, and imports inside it are its own business."""
     rel = path.relative_to(PKG)
-    return SUBPACKAGE if rel.parts[0] == SUBPACKAGE else path.stem
+    return rel.parts[0] if len(rel.parts) > 1 else path.stem
 
 
 def _modules() -> set[str]:
-    """Every module of the package, as the design table names it (`backends` for the subpackage)."""
+    """Every module of the package, as the design table names it (a subpackage by its folder name)."""
     return {_module_of(p) for p in PKG.rglob("*.py")}
 
 
 def _imports(path: pathlib.Path, modules: set[str]) -> set[str]:
     """The ptqtp modules `path` imports, at any depth of the file (top level, functions, methods)."""
-    in_subpkg = path.parent != PKG
+    subpkg = path.relative_to(PKG).parts[0] if path.parent != PKG else None
     found = set()
     known = modules | NOT_MODULES
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.ImportFrom):
             if node.level:  # relative: resolve against ptqtp/ or ptqtp/backends/
                 parts = (node.module or "").split(".") if node.module else []
-                if in_subpkg and node.level == 1:
-                    found.add(SUBPACKAGE)
+                if subpkg and node.level == 1:
+                    found.add(subpkg)
                     continue
                 if parts:
                     found.add(parts[0])
