@@ -1,22 +1,17 @@
-"""Baseline quantizers, for honest comparison with the trit-plane solver in the same harness.
+"""Integer round-to-nearest baselines (`rtn-int2`, `rtn-int3`), for honest comparison with trit-planes.
 
-Imports only `errors` and `solver`. These are BASELINES, not ptqtp's method:
-
-- `rtn_ternary`: one ternary plane per (row, group) with the absmean scale (BitNet b1.58 style), the second
-  plane zero, so it packs in the ptqtp format (same 3.45 bits/weight on disk, but uses only one plane).
-- `fake_quantize_int`: asymmetric min/max round-to-nearest integers per (row, group) (`rtn-int2`,
-  `rtn-int3`), returned as a dense fake-quantized weight; bits/weight = bits + 32 / group_size (an fp16
-  scale and an fp16 offset per group).
+Imports only `errors` and `solver`. `fake_quantize_int` rounds to asymmetric min/max integers per (row, group)
+and returns a dense fake-quantized weight; bits/weight = bits + 32 / group_size (an fp16 scale and an fp16
+offset per group). The ternary baseline `rtn-ternary` packs as trit-planes, so it is a solver method:
+`decompose(weight, method="rtn-ternary")`.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .errors import BadOptionError
-from .solver import FP16_MAX, TritPlanes, validate_weight
+from .solver import FP16_MAX, validate_weight
 
 
 def _groups(weight: torch.Tensor, group_size: int):
@@ -33,32 +28,6 @@ def _groups(weight: torch.Tensor, group_size: int):
 def _fp16(x: torch.Tensor) -> torch.Tensor:
     """Round to the fp16 value that would be stored (clamped to its range), kept in float32."""
     return x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(torch.float32)
-
-
-def rtn_ternary(weight: torch.Tensor, group_size: int = 128) -> TritPlanes:
-    """BASELINE: single-plane ternary round-to-nearest with the absmean scale per (row, group).
-
-    a = mean |w| of the group (rounded to fp16, as stored), T = clamp(round(w / a), -1, 1); plane 2 and its
-    scale are zero. Also reachable as `decompose(weight, method="rtn-ternary")`.
-
-    Args:
-        weight: float (out, in). group_size: input columns per scale (the last group may be partial).
-    Returns:
-        TritPlanes with planes int8 (2, out, in) (plane 2 all zero) and scales float32 (2, out, G).
-    """
-    validate_weight(weight, group_size)
-    out, n = weight.shape
-    G = math.ceil(n / group_size)
-    planes = torch.zeros(2, out, n, dtype=torch.int8, device=weight.device)
-    scales = torch.zeros(2, out, G, dtype=torch.float32, device=weight.device)
-    j = 0
-    for cols, w in _groups(weight, group_size):  # w: (out, g, n_g)
-        a = _fp16(w.abs().mean(dim=-1, keepdim=True))  # (out, g, 1)
-        t = torch.where(a > 0, (w / torch.where(a > 0, a, 1.0)).round().clamp(-1, 1), 0.0)  # (out, g, n_g)
-        planes[0, :, cols] = t.reshape(out, -1).to(torch.int8)
-        scales[0, :, j: j + w.shape[1]] = a.squeeze(-1)
-        j += w.shape[1]
-    return TritPlanes(planes=planes, scales=scales, group_size=group_size)
 
 
 def fake_quantize_int(weight: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:

@@ -1,13 +1,15 @@
-"""Safetensors shards on disk: atomic streaming writes, index, metadata, and validation of ptqtp directories.
+"""Safetensors files and ptqtp directories on disk, at the file level: atomic streaming writes, the one tensor
+reader, headers, metadata, the names of the files a ptqtp directory holds, atomic JSON, and validation.
 
-Imports only `errors`, `format`, `config` (and `_version`). Never imports transformers.
+Imports only `errors`, `format` and `config`; never transformers. What goes into an output directory, and
+when, is `writer`'s business; this module only writes and reads files safely.
 
 Shards are written by `ShardWriter`: the header is computed up front from the planned tensor list, so tensors
 stream into the file one at a time (peak memory is one tensor, not one shard) and the bytes depend only on
 the plan and the tensor values, never on timing or dict order. A shard appears under its final name only
 when complete (temp name, fsync, `os.replace`). Reading goes through `read_header`, which checks a file's
-structure and names the file in every error, so truncation or corruption never surfaces as a crash deep
-inside safetensors.
+structure and names the file in every error, and `read_tensor` (plain file I/O, whole tensors or row ranges,
+no mmap), so truncation or corruption never surfaces as a crash deep inside safetensors.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import torch
 
 from . import format as fmt
 from .config import TritPlaneConfig
-from .errors import BadOptionError, CorruptCheckpointError, DiskFullError, FormatVersionError, UnsupportedCheckpointError
+from .errors import CorruptCheckpointError, DiskFullError, FormatVersionError, UnsupportedCheckpointError
 
 SINGLE_SHARD_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+REPORT_NAME = "ptqtp_report.json"  # what `ptqtp quantize` measured (per-tensor error, sizes, time); read by info, eval
 TMP_MARK = ".ptqtp-tmp"  # files holding this in their name are incomplete writes
 
 # torch dtype <-> safetensors dtype tag
@@ -68,22 +71,6 @@ def ptqtp_metadata() -> dict[str, str]:
             fmt.META_FORMAT_VERSION: str(fmt.FORMAT_VERSION)}
 
 
-def parse_size(value) -> int:
-    """'5GB' / '500MB' / '64KiB' / 1000000 -> bytes (GB = 10^9, GiB = 2^30, as transformers reads them)."""
-    if isinstance(value, int) and value > 0:
-        return value
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(value), flags=re.IGNORECASE)
-    if not m:
-        raise BadOptionError(f"--max-shard-size {value!r} is not a size; use e.g. 5GB, 500MB or a byte count.")
-    unit = (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    n = int(float(m.group(1)) * mult)
-    if n <= 0:
-        raise BadOptionError(f"--max-shard-size must be positive, got {value!r}.")
-    return n
-
-
 def _disk_full(path, e: OSError) -> DiskFullError:
     return DiskFullError(f"no space left on the device while writing {path}; free some space (or choose another -o "
                          "directory) and rerun with --resume.")
@@ -114,9 +101,10 @@ def atomic_write_bytes(path, data: bytes) -> None:
         _raise_os(path, e)
 
 
-def atomic_write_json(path, obj) -> None:
-    """JSON with sorted keys and a trailing newline, so equal content gives equal bytes."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+def atomic_write_json(path, obj, *, sort_keys: bool = True) -> None:
+    """JSON, indented, with a trailing newline, written atomically (`atomic_write_bytes`). Sorted keys (the
+    default) make equal content give equal bytes; `sort_keys=False` keeps a record's own order for readers."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=sort_keys) + "\n").encode())
 
 
 @dataclass(frozen=True)
@@ -239,6 +227,20 @@ def write_shard(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     return w.sha256()
 
 
+def human_size(n: float) -> str:
+    """A byte count as people read file sizes, in powers of 1000: `433 B`, `1.5 MB`."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def natural_key(name: str):
+    """Sort key that puts `layers.2` before `layers.10`, so shards and lists follow the model's layer order."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -259,6 +261,10 @@ class ShardHeader:
     offsets: dict[str, tuple[int, int]]
     metadata: dict[str, str]
     data_start: int
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor `name` of this file (`read_tensor`)."""
+        return read_tensor(self.path, self.tensors[name], self.data_start + self.offsets[name][0])
 
 
 def _corrupt(path, what: str) -> CorruptCheckpointError:
@@ -312,21 +318,25 @@ def read_header(path) -> ShardHeader:
     return ShardHeader(path, tensors, offsets, {str(k): str(v) for k, v in meta.items()}, 8 + n)
 
 
-def read_tensor(header: ShardHeader, name: str) -> torch.Tensor:
-    """One tensor read with plain file I/O (no mmap, so resident memory stays one tensor)."""
-    spec = header.tensors[name]
-    begin, end = header.offsets[name]
-    buf = bytearray(end - begin)
+def read_tensor(path, spec: TensorSpec, start: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """The one way ptqtp reads tensor data: `spec`'s tensor, or its rows [r0, r1), from byte `start` of `path`.
+
+    Plain file I/O, no mmap, so resident memory stays what was asked for (rows are contiguous in safetensors'
+    row-major data); a short file or an unreadable one raises `CorruptCheckpointError` naming the file.
+    """
+    shape = spec.shape if rows is None else (rows[1] - rows[0], *spec.shape[1:])
+    row_bytes = nbytes(spec.dtype, spec.shape[1:]) if spec.shape else 0
+    buf = bytearray(nbytes(spec.dtype, shape))
     try:
-        with open(header.path, "rb") as f:
-            f.seek(header.data_start + begin)
+        with open(path, "rb") as f:
+            f.seek(start + (rows[0] * row_bytes if rows else 0))
             if f.readinto(buf) != len(buf):
-                raise _corrupt(header.path, f"short read of {name}")
+                raise _corrupt(path, f"{spec.name} ends early")
     except OSError as e:
-        raise CorruptCheckpointError(f"cannot read {header.path} ({e.strerror}); check the file.") from None
+        raise CorruptCheckpointError(f"cannot read {path} ({e.strerror}); check the file.") from None
     if not buf:
-        return torch.empty(spec.shape, dtype=spec.dtype)
-    return torch.frombuffer(buf, dtype=torch.uint8).view(spec.dtype).reshape(spec.shape)
+        return torch.empty(shape, dtype=spec.dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(spec.dtype).reshape(shape)
 
 
 def shard_files(model_dir) -> list[pathlib.Path]:
@@ -400,6 +410,13 @@ class CheckpointInfo:
         return sum(p.nbytes + s.nbytes for p, s in self.quantized.values())
 
 
+def looks_like_path(ref: str) -> bool:
+    """True for a model reference that cannot be a hub id (`name` or `owner/name`): absolute, relative with ./
+    or ~, deeper than owner/name, or with backslashes. Such a reference names a folder, and a missing folder
+    is reported as one (never sent to the hub)."""
+    return os.path.isabs(ref) or ref.startswith((".", "~")) or ref.count("/") > 1 or "\\" in ref
+
+
 def read_hf_config(model_dir) -> dict:
     path = pathlib.Path(model_dir) / CONFIG_NAME
     if not path.is_file():
@@ -458,9 +475,9 @@ def validate_checkpoint(model_dir, *, deep: bool = False) -> CheckpointInfo:
 
 
 def _deep_check(header: ShardHeader, name: str, sname: str) -> None:
-    packed = read_tensor(header, name)
+    packed = header.read(name)
     if packed.numel() and int(packed.max()) >= 3 ** fmt.TRITS_PER_BYTE:
         raise _corrupt(header.path, f"{name} holds byte values above 242, impossible in base-3 packing")
-    scales = read_tensor(header, sname)
+    scales = header.read(sname)
     if not torch.isfinite(scales).all():
         raise _corrupt(header.path, f"{sname} holds NaN or Inf scales")

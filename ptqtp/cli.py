@@ -11,6 +11,7 @@ import os
 import sys
 
 from ._version import __version__
+from .config import BASELINES
 from .errors import PtqtpError
 
 EPILOG = "Docs and examples: README.md. Set PTQTP_DEBUG=1 to show tracebacks."
@@ -30,7 +31,7 @@ def _add_quantize(sub):
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale pair (default 128)")
     p.add_argument("--method", default="ptqtp",
                    help="solver: ptqtp (default, ours), paper (Algorithm 1 as published); baselines for "
-                   "comparison: rtn-ternary, rtn-int2, rtn-int3")
+                   f"comparison: {', '.join(BASELINES)}")
     p.add_argument("--device", default="auto", help="where the solve runs: auto (CUDA if present), cpu, cuda")
     p.add_argument("--skip", action="append", default=[], metavar="REGEX",
                    help="keep Linears whose name matches REGEX dense (repeatable); lm_head is always kept")
@@ -55,7 +56,7 @@ def _add_quantize(sub):
 
 
 def _run_quantize(args) -> int:
-    from .pipeline import run_quantize_cli
+    from .quantize import run_quantize_cli
 
     return run_quantize_cli(args)
 
@@ -127,7 +128,7 @@ def _add_info(sub):
 
 
 def _run_info(args) -> int:
-    from .inspect import run_info_cli
+    from .info import run_info_cli
 
     return run_info_cli(args)
 

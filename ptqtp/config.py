@@ -1,6 +1,6 @@
-"""`TritPlaneConfig`: what to quantize and how, frozen and versioned.
+"""`TritPlaneConfig`: what to quantize and how, frozen and versioned; and the list of methods.
 
-Imports only `errors` and `format`. The same object drives the CLI, `quantize_model`,
+Imports only `errors`, `format` and `_version`; no torch. The same object drives the CLI, `quantize_model`,
 `quantize_checkpoint` and the `quantization_config` written to config.json (`to_dict` / `from_dict`).
 """
 
@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import format as fmt
 from ._version import __version__
 from .errors import BadOptionError, FormatVersionError
 
-METHODS = ("ptqtp", "paper", "rtn-ternary", "rtn-int2", "rtn-int3")
+# Every method, in one place. Trit-plane methods are solved by `solver.decompose` and stored packed; the integer
+# RTN baselines (method -> bits) are stored as dense fake-quantized weights, for comparison only.
+TRIT_METHODS = ("ptqtp", "paper", "rtn-ternary")
+INT_BASELINES = {"rtn-int2": 2, "rtn-int3": 3}
+METHODS = (*TRIT_METHODS, *INT_BASELINES)
+BASELINES = tuple(m for m in METHODS if m.startswith("rtn-"))  # compared against, never recommended
+BASELINE_KEY = "ptqtp_baseline"  # config.json block that labels an integer baseline's dense checkpoint
 
 # Modules that stay dense unless the user says otherwise: the output head (and embeddings, which are
 # not Linears and are never touched).

@@ -1,6 +1,6 @@
 """The on-disk contract of a ptqtp checkpoint, declared once and read everywhere else.
 
-Imports only `errors`. Every other module takes tensor suffixes, sizes and version numbers from here.
+Imports nothing from ptqtp. Every other module takes tensor suffixes, sizes and version numbers from here.
 
 Storage of one quantized Linear `X` with weight (out, in) and group size g (G = ceil(in / g) groups)::
 

@@ -1,8 +1,8 @@
 """`ptqtp generate`: greedy continuation of a prompt with tokens per second, the quickest way to see a
 quantized model talk.
 
-Imports `hf` (loading) and `errors`. Works on a ptqtp directory and on a dense one alike, through the same
-`from_pretrained` call, so the two can be compared side by side.
+Imports `hf` (the one loader, `hf.load_model`) and `errors`. Works on a ptqtp directory and on a dense one
+alike, through the same `from_pretrained` call, so the two can be compared side by side.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import hf
-from .errors import BadOptionError, UnsupportedCheckpointError
+from .errors import BadOptionError
 
 
 
@@ -31,30 +31,6 @@ class Continuation:
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" or device.startswith("cuda"):
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise BadOptionError(f"--device {device} was requested but no CUDA GPU is visible; use --device cpu.")
-        return device
-    raise BadOptionError(f"--device {device!r} is not supported; use auto, cpu or cuda.")
-
-
-
-def load(path: str, device: str = "auto", dtype: str = "auto"):
-    """(model, tokenizer) of a ptqtp or dense directory, on `device` ("auto", "cpu", "cuda") in `dtype`."""
-    from transformers import AutoTokenizer
-
-    model = hf.from_pretrained(path, dtype=hf.resolve_dtype(dtype), device_map=_resolve_device(device))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise UnsupportedCheckpointError(f"{path} has no usable tokenizer ({str(e).splitlines()[0][:120]}); copy the "
-                                         "tokenizer files of the original model into it.") from None
-    return model, tokenizer
 
 
 @torch.inference_mode()
@@ -94,7 +70,7 @@ def run_generate_cli(args) -> int:
     """`ptqtp generate MODEL PROMPT`: the continuation on stdout, timing on stderr."""
     if args.max_new_tokens < 1:
         raise BadOptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
-    model, tokenizer = load(args.model, args.device, args.dtype)
+    model, tokenizer = hf.load_model(args.model, args.device, args.dtype)
     result = greedy(model, tokenizer, args.prompt, args.max_new_tokens)
     print(result.text)
     dtype = next(model.parameters()).dtype

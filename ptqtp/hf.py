@@ -1,6 +1,8 @@
-"""transformers integration: `PtqtpConfig` + `PtqtpHfQuantizer` for `quant_method: "ptqtp"`, and `from_pretrained`.
+"""transformers integration: `PtqtpConfig` + `PtqtpHfQuantizer` for `quant_method: "ptqtp"`, and the one way a
+model is loaded (`from_pretrained`; `load_model` adds the tokenizer, device and eval mode for `ptqtp eval` and
+`ptqtp generate`).
 
-Imports `config`, `errors`, `format`, `checkpoint` (headers) and, lazily when a model loads, `replace`.
+Imports `config`, `errors`, `format`, `checkpoint` (headers), `device` and, lazily when a model loads, `replace`.
 `import ptqtp` calls `register()`, after which a plain `AutoModelForCausalLM.from_pretrained(OUT)` builds
 the model on `meta`, swaps every Linear the checkpoint stores packed for an empty `TritPlaneLinear` shell,
 and lets transformers load the packed buffers by name (`X.weight` uint8, `X.weight_scale` fp16, `X.bias`)
@@ -28,6 +30,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from . import checkpoint as ckpt
 from . import format as fmt
 from .config import TritPlaneConfig
+from .device import resolve_device
 from .errors import BadOptionError, DependencyVersionError, ModelNotFoundError, UnsupportedCheckpointError
 
 # transformers versions whose quantizer/loader API this module follows: [MIN, next major)
@@ -180,11 +183,6 @@ def register() -> None:
         register_quantizer(fmt.QUANT_METHOD)(PtqtpHfQuantizer)
 
 
-def _looks_local(path: str) -> bool:
-    """True for a path that cannot be a hub id ("org/name"): absolute, relative with ./ or ~, or deeper."""
-    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep != "/" and os.sep in path
-
-
 def from_pretrained(path: str | os.PathLike, **kwargs):
     """Load a ptqtp (or dense) causal LM directory or hub id with `AutoModelForCausalLM.from_pretrained`.
 
@@ -200,7 +198,7 @@ def from_pretrained(path: str | os.PathLike, **kwargs):
     check_transformers_version()
     register()
     path = str(path)
-    if not os.path.exists(os.path.expanduser(path)) and _looks_local(path):
+    if not os.path.exists(os.path.expanduser(path)) and ckpt.looks_like_path(path):
         raise ModelNotFoundError(f"model directory {path!r} does not exist; pass the folder written by "
                                  "`ptqtp quantize -o OUT` (or a hub id).")
     if os.path.isdir(os.path.expanduser(path)) and not (pathlib.Path(path).expanduser() / "config.json").is_file():
@@ -208,3 +206,35 @@ def from_pretrained(path: str | os.PathLike, **kwargs):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(os.path.expanduser(path), **kwargs)
+
+
+def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto"):
+    """(model, tokenizer) of a dense or ptqtp directory (or hub id), in eval mode on `device`, in `dtype`.
+
+    The one loader behind `ptqtp eval` and `ptqtp generate`: a quantized directory and its dense original go
+    through the same `from_pretrained`, so their numbers differ only by the weights.
+
+    Args:
+        path: model directory or hub id.
+        device: "auto" (CUDA when present), "cpu", "cuda" (see `device.resolve_device`).
+        dtype: "auto" (the checkpoint's) or one of DTYPES.
+    Raises:
+        ModelNotFoundError: no such directory, or transformers cannot load it.
+        UnsupportedCheckpointError: the directory has no usable tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    try:
+        model = from_pretrained(path, dtype=torch_dtype, device_map=str(device))
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelNotFoundError(f"cannot load {path} ({first}); pass a local model directory or a reachable hub "
+                                 "id.") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(str(path)))
+    except (OSError, ValueError) as e:
+        raise UnsupportedCheckpointError(f"{path} has no usable tokenizer ({str(e).splitlines()[0][:120]}); copy the "
+                                         "tokenizer files of the original model into it.") from None
+    return model.eval(), tokenizer

@@ -1,42 +1,26 @@
 """The source side of `ptqtp quantize`: resolve MODEL, list its tensors, pick what to quantize, stream tensors.
 
-Imports `errors`, `format`, `config`, `checkpoint`; `huggingface_hub` only when MODEL is a hub id. The model
-class is never instantiated: tensors are chosen from their names and shapes in the safetensors headers, and
-read one at a time (`safetensors.safe_open`, opened per tensor so no mapping of a whole shard stays resident).
+Imports `errors`, `config`, `checkpoint`, `selection`; `huggingface_hub` only when MODEL is a hub id. The model
+class is never instantiated: `selection` picks tensors from their names and shapes in the safetensors headers,
+and each is read when needed, whole or by rows (`SourceTensor.read`, plain file I/O: no mapping of a shard).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import pathlib
-import re
 from dataclasses import dataclass
 
 import torch
 
 from . import checkpoint as ckpt
-from .config import TritPlaneConfig
+from .config import BASELINE_KEY, TritPlaneConfig
 from .errors import CorruptCheckpointError, ModelNotFoundError, UnsupportedCheckpointError
+from .selection import DENSE, classify
 
 # What a hub download fetches: weights as safetensors, configs, tokenizer and chat-template files.
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.model", "*.txt",
                 "*.jinja", "*.tiktoken", "*.py"]
-
-# A decoder layer: `...layers.<N>.` (Llama, Qwen, Mistral, Mixtral, Gemma, Phi-3, DeepSeek, ...).
-_LAYER = re.compile(r"(^|\.)layers\.\d+\.")
-# Sub-models that stay dense even though they have `layers.N.` inside (vision / audio towers, projectors).
-_DENSE_TOWERS = {"vision_tower", "visual", "vision_model", "vision_encoder", "audio_tower", "audio_model",
-                 "audio_encoder", "multi_modal_projector", "mm_projector", "vision_projection"}
-# Module leaf names that are MoE routers (scores per expert): quantizing them perturbs routing itself.
-_ROUTERS = {"gate", "router", "shared_expert_gate", "gate_network"}
-# Leaf-name fragments of parameters that are not Linears (norms, embeddings, convolutions, positions).
-_NOT_LINEAR = ("norm", "embed", "conv", "rotary", "ln_", "layernorm")
-
-QUANTIZE = "quantize"  # 2-D Linear weight (out, in)
-QUANTIZE_EXPERTS = "quantize-experts"  # fused 3-D expert tensor (E, out, in), quantized per expert
-DENSE = "dense"
-
 
 @dataclass(frozen=True)
 class SourceTensor:
@@ -46,15 +30,15 @@ class SourceTensor:
     file: pathlib.Path
     dtype: torch.dtype
     shape: tuple[int, ...]
-    action: str  # QUANTIZE, QUANTIZE_EXPERTS or DENSE
+    action: str  # selection.QUANTIZE, QUANTIZE_EXPERTS or DENSE
     module: str  # the owning module's dotted name (the name without `.weight`)
     reason: str  # why it stays dense ("" when quantized)
     data_range: tuple[int, int]  # absolute byte range of the tensor's data in `file`
 
-
-def _looks_like_path(model: str) -> bool:
-    """Hub ids are `name` or `owner/name`; anything else path-like is meant as a folder."""
-    return model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    def read(self, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor, or rows [r0, r1) of it (`checkpoint.read_tensor`, plain file I/O; errors name the file)."""
+        return ckpt.read_tensor(self.file, ckpt.TensorSpec(self.name, self.dtype, self.shape), self.data_range[0],
+                                rows)
 
 
 def resolve_model(model, revision: str | None = None) -> pathlib.Path:
@@ -67,7 +51,7 @@ def resolve_model(model, revision: str | None = None) -> pathlib.Path:
         return p
     if p.exists():
         raise ModelNotFoundError(f"{model} is a file, not a model folder; pass the folder holding config.json.")
-    if _looks_like_path(str(model)):
+    if ckpt.looks_like_path(str(model)):
         raise ModelNotFoundError(f"folder {model} does not exist; check the path (or pass a hub id like "
                                  "Qwen/Qwen3-8B).")
     return _download(str(model), revision)
@@ -113,7 +97,7 @@ def check_source(model_dir: pathlib.Path) -> dict:
         method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
         raise UnsupportedCheckpointError(f"{model_dir} is already quantized (quant_method {method!r}); quantize "
                                          "the original full-precision model instead.")
-    if "ptqtp_baseline" in cfg:
+    if BASELINE_KEY in cfg:
         raise UnsupportedCheckpointError(f"{model_dir} is a ptqtp baseline (fake-quantized weights); quantize "
                                          "the original full-precision model instead.")
     if not ckpt.shard_files(model_dir):
@@ -125,44 +109,6 @@ def check_source(model_dir: pathlib.Path) -> dict:
         raise UnsupportedCheckpointError(f"{model_dir} holds no *.safetensors weights; point at a folder that "
                                          "save_pretrained wrote.")
     return cfg
-
-
-def classify(name: str, shape: tuple[int, ...], dtype: torch.dtype, config: TritPlaneConfig) -> tuple[str, str, str]:
-    """(action, module name, reason dense) for one tensor, from its name and shape alone."""
-    parts = name.split(".")
-    if parts[-1] == "weight":
-        module, leaf_param = ".".join(parts[:-1]), "weight"
-    else:
-        module, leaf_param = name, parts[-1]
-    leaf = module.rsplit(".", 1)[-1]
-    if not dtype.is_floating_point or dtype.itemsize < 2:
-        return DENSE, module, "not a float16/bfloat16/float32 tensor"
-    if len(shape) < 2:
-        return DENSE, module, "not a matrix"
-    if not _LAYER.search(name):
-        return DENSE, module, "outside the decoder layers (embeddings, lm_head)"
-    if _DENSE_TOWERS.intersection(parts):
-        return DENSE, module, "vision/audio tower"
-    if leaf in _ROUTERS or "router" in leaf:
-        return DENSE, module, "MoE router"
-    if any(s in leaf.lower() for s in _NOT_LINEAR):
-        return DENSE, module, "not a Linear"
-    if len(shape) == 2 and leaf_param == "weight":
-        action = QUANTIZE
-    elif len(shape) == 3 and "experts" in parts and not leaf_param.endswith("bias"):
-        action = QUANTIZE_EXPERTS
-    else:
-        return DENSE, module, "not a Linear weight"
-    if 0 in shape:
-        return DENSE, module, "empty"
-    if config.is_skipped(module):
-        return DENSE, module, "skipped (--skip / modules_to_not_convert)"
-    return action, module, ""
-
-
-def _natural_key(name: str):
-    """`layers.2` before `layers.10`, so shards follow the model's layer order."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def list_tensors(model_dir: pathlib.Path, config: TritPlaneConfig) -> list[SourceTensor]:
@@ -178,31 +124,26 @@ def list_tensors(model_dir: pathlib.Path, config: TritPlaneConfig) -> list[Sourc
             begin, end = header.offsets[name]
             found[name] = SourceTensor(name, path, spec.dtype, spec.shape, action, module, reason,
                                        (header.data_start + begin, header.data_start + end))
-    return [found[n] for n in sorted(found, key=_natural_key)]
+    return [found[n] for n in sorted(found, key=ckpt.natural_key)]
 
 
-def read_rows(t: SourceTensor, r0: int, r1: int) -> torch.Tensor:
-    """Rows [r0, r1) of a tensor, read with plain file I/O (rows are contiguous in safetensors' row-major data)."""
-    row_bytes = math.prod(t.shape[1:]) * t.dtype.itemsize
-    buf = bytearray((r1 - r0) * row_bytes)
-    try:
-        with open(t.file, "rb") as f:
-            f.seek(t.data_range[0] + r0 * row_bytes)
-            got = f.readinto(buf)
-    except OSError as e:
-        raise CorruptCheckpointError(f"cannot read {t.name} from {t.file} ({e.strerror}); check the file.") from None
-    if got != len(buf):
-        raise CorruptCheckpointError(f"{t.file} ends inside {t.name}; the file is truncated: download it again.")
-    return torch.frombuffer(buf, dtype=torch.uint8).view(t.dtype).reshape(r1 - r0, *t.shape[1:])
+@dataclass
+class Source:
+    """A checked source folder: its path, its config.json and every tensor, classified."""
+
+    path: pathlib.Path
+    hf_config: dict
+    tensors: list[SourceTensor]
 
 
-def read_tensor(t: SourceTensor) -> torch.Tensor:
-    """Load one tensor; the file is opened for this tensor only, and errors name the file."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(t.file), framework="pt") as f:
-            return f.get_tensor(t.name)
-    except Exception as e:  # safetensors raises its own SafetensorError for bad bytes
-        raise CorruptCheckpointError(f"cannot read {t.name} from {t.file} ({str(e).splitlines()[0]}); the file "
-                                     "is truncated or corrupted: download it again.") from None
+def open_source(model, revision: str | None, config: TritPlaneConfig) -> Source:
+    """MODEL resolved (`resolve_model`), checked (`check_source`) and listed (`list_tensors`); refused when no
+    tensor is left to quantize."""
+    path = resolve_model(model, revision)
+    hf_config = check_source(path)
+    tensors = list_tensors(path, config)
+    if not any(t.action != DENSE for t in tensors):
+        raise UnsupportedCheckpointError(
+            f"{path} has no Linear weights inside decoder layers (names like model.layers.0.mlp.up_proj.weight) "
+            "left to quantize; this architecture is not supported, or --skip matched everything.")
+    return Source(path, hf_config, tensors)

@@ -1,55 +1,32 @@
-"""Which Linears of a model become `TritPlaneLinear`, and the two ways to make them: empty shells at load time
-(`replace_linear`) and in-memory quantization (`quantize_model`).
+"""Loading: Linears of a model become empty `TritPlaneLinear` shells (`replace_linear`), whose buffers the
+checkpoint then fills.
 
-Imports `modules`, `packing`, `config` and (lazily, only to quantize) `solver`; never transformers. Works on
-any `nn.Module`; the transformers quantizer in `hf.py` calls `replace_linear` on a model built on `meta`.
-
-Kept dense, whatever the config says: the output head (`lm_head`, or whatever `get_output_embeddings()`
-returns) and any Linear whose weight is shared with an embedding (tied weights), because quantizing one side
-of a tie would silently change the other.
+Imports `modules`, `config`, `selection` and `errors` (and `quantize`, lazily, for the former name
+`replace.quantize_model`); never transformers. Works on any `nn.Module`; the
+transformers quantizer in `hf.py` calls `replace_linear` on a model built on `meta`, with the names the
+checkpoint stores packed. Without names, `selection` decides, as it does for `ptqtp quantize`; either way the
+output head and Linears tied to an embedding stay dense. In-memory quantization is `quantize.quantize_model`.
 """
 
 from __future__ import annotations
 
 from typing import Iterable
 
-import torch
 from torch import nn
 
 from .config import TritPlaneConfig
-from .errors import BadOptionError, CorruptCheckpointError
+from .errors import CorruptCheckpointError
 from .modules import TritPlaneLinear
-from .packing import PackedTritPlanes
-
-# Methods whose result is a dense fake-quantized weight, not trit-planes: nothing to pack.
-_DENSE_ONLY_METHODS = ("rtn-int2", "rtn-int3")
+from .selection import pinned_dense, select_linears
 
 
-def _always_dense_ids(model: nn.Module) -> set[int]:
-    """ids of Linears that stay dense: the output head and Linears tied to an embedding."""
-    keep: set[int] = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    if head is not None:
-        keep.add(id(head))
-    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and id(m.weight) in embedding_weights:
-            keep.add(id(m))
-    return keep
+def __getattr__(name: str):
+    """`replace.quantize_model` (its home before `quantize`) still resolves; lazily, as `quantize` is quantize-time."""
+    if name == "quantize_model":
+        from .quantize import quantize_model
 
-
-def convertible_linears(model: nn.Module, config: TritPlaneConfig) -> list[tuple[str, nn.Linear]]:
-    """(dotted name, module) of every `nn.Linear` that `config` quantizes, in model order."""
-    keep = _always_dense_ids(model)
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and id(m) not in keep and not config.is_skipped(name)]
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, leaf = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, leaf, module)
+        return quantize_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def replace_linear(model: nn.Module, config: TritPlaneConfig | None = None, *,
@@ -70,10 +47,10 @@ def replace_linear(model: nn.Module, config: TritPlaneConfig | None = None, *,
     """
     config = config or TritPlaneConfig()
     if names is None:
-        targets = convertible_linears(model, config)
+        targets = select_linears(model, config)
     else:
         wanted = set(names)
-        keep = _always_dense_ids(model)
+        keep = pinned_dense(model)
         targets = [(n, m) for n, m in model.named_modules() if n in wanted and isinstance(m, nn.Linear)
                    and id(m) not in keep]
         missing = sorted(wanted - {n for n, _ in targets})
@@ -86,52 +63,5 @@ def replace_linear(model: nn.Module, config: TritPlaneConfig | None = None, *,
         shell = TritPlaneLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
                                 group_size=config.group_size, device=linear.weight.device,
                                 dtype=linear.weight.dtype)
-        _set_submodule(model, name, shell)
-    return model
-
-
-def _solve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BadOptionError(f"device {device!r} was requested but no CUDA GPU is visible; use device='cpu'.")
-    return torch.device(device)
-
-
-@torch.no_grad()
-def quantize_model(model: nn.Module, config: TritPlaneConfig | None = None) -> nn.Module:
-    """Quantize every selected `nn.Linear` of an in-memory model to trit-planes, in place.
-
-    Each weight is decomposed in float32 on `config.device` with the same defaults as `ptqtp quantize`, packed,
-    and wrapped in a `TritPlaneLinear` on the Linear's own device (bias kept as is). When the model has a
-    transformers `config`, its `quantization_config` is set, so `model.save_pretrained(dir)` writes a
-    directory that `ptqtp.from_pretrained(dir)` loads.
-
-    Args:
-        model: any module holding `nn.Linear`s (weights (out, in), any float dtype, not on `meta`).
-        config: `TritPlaneConfig`; defaults to `TritPlaneConfig()` (group 128, method "ptqtp").
-
-    Returns:
-        `model`.
-    """
-    from .solver import decompose
-
-    config = config or TritPlaneConfig()
-    if config.method in _DENSE_ONLY_METHODS:
-        raise BadOptionError(f"method {config.method!r} yields dense fake-quantized weights, not trit-planes, so "
-                             "there is nothing to pack; use method 'ptqtp', 'paper' or 'rtn-ternary'.")
-    device = _solve_device(config.device)
-    for name, linear in convertible_linears(model, config):
-        if linear.weight.is_meta:
-            raise BadOptionError(f"{name} has its weight on the meta device; load the model with real weights "
-                                 "(no device_map offload) before quantize_model.")
-        w = linear.weight.detach().to(device=device, dtype=torch.float32)  # (out, in)
-        planes = decompose(w, group_size=config.group_size, method=config.method, max_iters=config.max_iters,
-                           tol=config.tol)
-        packed = PackedTritPlanes.from_trit_planes(planes)
-        packed = PackedTritPlanes(packed.packed.to(linear.weight.device), packed.scales.to(linear.weight.device),
-                                  packed.in_features, packed.group_size)
-        _set_submodule(model, name, TritPlaneLinear.from_packed(packed, linear.bias))
-    if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
-        model.config.quantization_config = config.to_dict()
+        model.set_submodule(name, shell)
     return model

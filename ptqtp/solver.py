@@ -1,7 +1,8 @@
 """Trit-plane decomposition: per (row, group of input columns), W ~ a1*T1 + a2*T2 with T in {-1, 0, 1}.
 
-Imports only `errors`: pure torch, no I/O, runs on the weight's device. `decompose` is the one entry point;
-the step functions below it (`trit_step`, `ridge_scale_step`, `ls_scale_step`) are exposed for tests.
+Imports only `errors` and `config` (the method list): pure torch, no I/O, runs on the weight's device. `decompose`
+is the one entry point; the step functions below it (`trit_step`, `ridge_scale_step`, `ls_scale_step`) are
+exposed for tests.
 
 Every group is solved on its own (float32 elementwise work, float64 for per-group sums and 2x2 solves),
 after dividing it by its largest |w| (the problem is scale-invariant, so this changes no result but keeps
@@ -21,15 +22,15 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import TRIT_METHODS
 from .errors import BadOptionError, NonFiniteWeightError
 
-METHODS = ("ptqtp", "paper", "rtn-ternary")
 FP16_MAX = 65504.0
 
 # Range-keeping starts of the default solver, in units of the group's max |w|: the top level a1 + a2 sits at
 # TOP times max|w| and the ratio a2 / a1 is one of RATIOS. The best start per group is kept. Starts below the
-# max (tops 1.0, 0.9, 0.8, 0.7) lower the weight error of SmolLM2-135M from 0.170 to 0.163 but raise its
-# perplexity from 54.6 to 56.8 (they clip the largest weights), so only the full range is tried.
+# max lower the weight error but raise perplexity (they clip the largest weights; eval/SOLVER.md), so only the
+# full range is tried.
 START_TOPS = (1.0,)
 START_RATIOS = (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6)
 START_ROUNDS = 6  # rounds every start runs before the best one per group is kept
@@ -356,7 +357,10 @@ def _record(trace, fn):
 
 
 def _rtn_ternary(w, max_iters, tol, trace):
-    """Baseline: one plane, absmean scale, second plane zero (see `ptqtp.baselines.rtn_ternary`)."""
+    """Baseline "rtn-ternary": one plane, absmean scale per (row, group), second plane zero (BitNet b1.58 style).
+
+    `_finish` then rounds the scale to fp16 and picks round-to-nearest trits for it: T = clamp(round(w / a), -1, 1).
+    """
     a = torch.stack((w.abs().mean(-1), torch.zeros_like(w[:, 0])), dim=-1)  # (N, 2)
     return a, torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
 
@@ -430,9 +434,8 @@ def decompose(weight: torch.Tensor, group_size: int = 128, method: str = "ptqtp"
             A round costs O(log group) per group, not O(group): the group's |w| is sorted once, and the
             nearest-level trits of 5 runs of it are found by binary search (see `_ptqtp`). Why better: the
             paper's start (both planes sign(W)) drifts to scales that clip the largest weights; starting at
-            the group's range and trying several ratios lands in lower minima. Measured on SmolLM2-135M (all
-            210 decoder Linears, group 128, WikiText-2 first 8 windows of 2048 tokens): perplexity 54.6 at
-            relative weight error 0.170; see eval/SOLVER.md for error and time against "paper".
+            the group's range and trying several ratios lands in lower minima (eval/SOLVER.md: weight error,
+            perplexity and time against "paper").
         "paper": Algorithm 1 as published (sign start with zeros to +1, scales [1, 1], adaptive-ridge 2x2
             solve <-> best of 9 trit pairs, stop when no scale moves more than tol). The reference.
         "rtn-ternary": baseline, one plane with absmean scale, second plane zero (no iterations).
@@ -440,7 +443,7 @@ def decompose(weight: torch.Tensor, group_size: int = 128, method: str = "ptqtp"
     Args:
         weight: float32/float16/bfloat16 (out, in), CPU or CUDA; the solve runs on its device in float32.
         group_size: input columns per pair of scales; a last partial group uses only its real columns.
-        method: one of METHODS.
+        method: one of `config.TRIT_METHODS`.
         max_iters: cap on alternation rounds per group.
         tol: a group stops when no scale moves more than this (weight units, as the paper states it).
         name: tensor name, used only in error messages.
@@ -455,8 +458,8 @@ def decompose(weight: torch.Tensor, group_size: int = 128, method: str = "ptqtp"
         NonFiniteWeightError (a ValueError): the weight holds NaN or Inf.
         BadOptionError: malformed arguments.
     """
-    if method not in METHODS:
-        raise BadOptionError(f"unknown solver method {method!r}; choose one of {', '.join(METHODS)}.")
+    if method not in TRIT_METHODS:
+        raise BadOptionError(f"unknown solver method {method!r}; choose one of {', '.join(TRIT_METHODS)}.")
     if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 1:
         raise BadOptionError(f"max_iters must be a positive integer, got {max_iters!r}.")
     if not (isinstance(tol, (int, float)) and not isinstance(tol, bool) and tol >= 0):

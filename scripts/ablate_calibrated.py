@@ -96,9 +96,9 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import ptqtp
-    from ptqtp.calibration import gptq_trit_planes
+    from ptqtp.hessian_fit import gptq_trit_planes
     from ptqtp.calibration_data import load_calibration_tokens
-    from ptqtp.evaluate import perplexity, read_text, resolve_text, tokenize_text
+    from ptqtp.perplexity import perplexity, read_text, resolve_text, tokenize_text
 
     model_dir = args.model or _smollm2_dir()
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import shutil
 import subprocess
@@ -31,6 +30,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ptqtp import checkpoint as ckpt  # noqa: E402
+from ptqtp.writer import parse_size  # noqa: E402
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings
@@ -101,21 +101,21 @@ def build_checkpoint(out: pathlib.Path, shape: dict, shard_bytes: int, device: s
 
 _BASELINE = """
 import sys, time, torch
-from ptqtp import loader
+from ptqtp import loader, selection
 from ptqtp.config import TritPlaneConfig
-from ptqtp.pipeline import _peak_rss
+from ptqtp.writer import peak_rss
 t0 = time.perf_counter()
 dev = torch.device(sys.argv[2])
 n = 0
 for t in loader.list_tensors(loader.resolve_model(sys.argv[1]), TritPlaneConfig()):
-    x = loader.read_tensor(t)
-    x = x.to(dev, torch.float32) if t.action != loader.DENSE else x
+    x = t.read()
+    x = x.to(dev, torch.float32) if t.action != selection.DENSE else x
     float(x.sum())  # touch every byte
     n += 1
     del x
 if dev.type == "cuda":
     torch.cuda.synchronize()
-print(time.perf_counter() - t0, n, _peak_rss())
+print(time.perf_counter() - t0, n, peak_rss())
 """
 
 
@@ -156,7 +156,7 @@ def main() -> None:
     src, out = work / "src", work / "out"
     try:
         t0 = time.perf_counter()
-        size = build_checkpoint(src, shape, ckpt.parse_size(args.shard_size), device)
+        size = build_checkpoint(src, shape, parse_size(args.shard_size), device)
         print(f"synthetic {args.shape} checkpoint, {shape['layers']} layers: {size / 1e9:.2f} GB "
               f"(built in {time.perf_counter() - t0:.1f} s)", flush=True)
         base_s, n_tensors, base_rss = run_baseline(src, device)

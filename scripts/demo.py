@@ -132,7 +132,7 @@ def main(argv=None) -> int:
 
     _step(f"greedy decode, {args.new_tokens} tokens, batch 1 (dense and ptqtp, alternating)")
     import ptqtp
-    from ptqtp.inspect import describe, selected_backend
+    from ptqtp.info import describe, selected_backend
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

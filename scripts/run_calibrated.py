@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     import ptqtp
     from ptqtp.calibration import calibrate_model
     from ptqtp.calibration_data import load_calibration_tokens
-    from ptqtp.evaluate import perplexity, read_text, resolve_text, tokenize_text
+    from ptqtp.perplexity import perplexity, read_text, resolve_text, tokenize_text
     from ptqtp.packing import PackedTritPlanes
 
     model_dir = args.model or _smollm2_dir()

@@ -1,13 +1,19 @@
-"""RTN baselines: single-plane absmean ternary (packs as trit-planes) and asymmetric int2/int3 fake-quant."""
+"""RTN baselines: single-plane absmean ternary (`decompose(method="rtn-ternary")`, packs as trit-planes) and
+asymmetric int2/int3 fake-quant."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ptqtp.baselines import fake_quantize_int, rtn_ternary
+from ptqtp.baselines import fake_quantize_int
 from ptqtp.errors import BadOptionError, NonFiniteWeightError
 from ptqtp.packing import PackedTritPlanes
+from ptqtp.solver import decompose
+
+
+def rtn_ternary(w, group_size=128):
+    return decompose(w, group_size, method="rtn-ternary")
 
 
 def weights(rows=12, cols=300, seed=0):
@@ -17,7 +23,7 @@ def weights(rows=12, cols=300, seed=0):
 
 def test_rtn_ternary_is_absmean_round_to_nearest_per_group():
     w = weights()
-    tp = rtn_ternary(w, 128)
+    tp = rtn_ternary(w)
     assert tp.planes.shape == (2, 12, 300) and tp.scales.shape == (2, 12, 3)
     assert torch.all(tp.planes[1] == 0) and torch.all(tp.scales[1] == 0)
     for j, (c0, c1) in enumerate([(0, 128), (128, 256), (256, 300)]):  # the last group has 44 real columns
@@ -30,14 +36,14 @@ def test_rtn_ternary_is_absmean_round_to_nearest_per_group():
 
 def test_rtn_ternary_packs_in_the_ptqtp_format():
     w = weights(cols=130)
-    tp = rtn_ternary(w, 128)
+    tp = rtn_ternary(w)
     packed = PackedTritPlanes.from_trit_planes(tp)
     torch.testing.assert_close(packed.dequantize().float(), tp.dequantize())
 
 
 def test_rtn_ternary_zero_group():
     w = torch.zeros(2, 128)
-    tp = rtn_ternary(w, 128)
+    tp = rtn_ternary(w)
     assert torch.all(tp.planes == 0) and torch.all(tp.dequantize() == 0)
 
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import ptqtp
-from ptqtp.calibration import TRIT_PAIRS, calibrate_model, gptq_trit_planes
+from ptqtp.calibration import calibrate_model
 from ptqtp.calibration_data import load_calibration_tokens
 from ptqtp.errors import BadOptionError, PtqtpError
+from ptqtp.hessian_fit import TRIT_PAIRS, gptq_trit_planes
 
 # Solver rounds per group in the model-level tests: enough for good scales, few enough to keep them fast.
 FAST_ITERS = 8

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 import ptqtp
 from ptqtp import checkpoint as ckpt
 from ptqtp import format as fmt
+from ptqtp import quantize_checkpoint
 from ptqtp.errors import CorruptCheckpointError, FormatVersionError
-from ptqtp.pipeline import quantize_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -131,7 +131,7 @@ def _hand_packed_dir(dense: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
 
 def test_info_counts_bits_per_weight_from_the_files(tiny_model_dir, tmp_path):
     """Bits per weight equals the format's formula for the real shapes (partial groups, padded bytes)."""
-    from ptqtp.inspect import describe
+    from ptqtp.info import describe
 
     dense = tiny_model_dir("llama")
     s = describe(str(_hand_packed_dir(dense, tmp_path / "q")))
@@ -146,7 +146,7 @@ def test_info_counts_bits_per_weight_from_the_files(tiny_model_dir, tmp_path):
 
 
 def _quantized_tiny(tiny_model_dir, tmp_path) -> pathlib.Path:
-    from ptqtp.pipeline import quantize_checkpoint
+    from ptqtp import quantize_checkpoint
 
     out = tmp_path / "tiny-ptqtp"
     quantize_checkpoint(str(tiny_model_dir("llama")), str(out), ptqtp.TritPlaneConfig(max_iters=5),

@@ -85,8 +85,9 @@ def test_kill_then_resume_gives_the_same_bytes(tiny_model_dir, tmp_path):
     n_shards = len(list(ref.glob("*.safetensors")))
     assert n_shards >= 4
 
-    proc = subprocess.Popen(_cli(src, "-o", out, *opts), env={**ENV, "PTQTP_DEBUG_TENSOR_DELAY": "0.3"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    slow = [sys.executable, str(pathlib.Path(__file__).with_name("slow_quantize.py")), "0.2", "quantize"]
+    proc = subprocess.Popen([*slow, src, "-o", out, *opts], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     manifest = out / "ptqtp_manifest.json"
     deadline = time.time() + 240
     finished = 0

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from ptqtp import evaluate
+from ptqtp import evaluate, perplexity, tasks
 from ptqtp.cli import main
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -71,12 +71,12 @@ def test_all_windows_by_default_and_tail_dropped(tiny_model_dir, tmp_path):
 
 def test_bundled_wikitext2_is_the_pinned_whole_test_split():
     """`--ppl wikitext2` must be the whole WikiText-2 test text for any pip user (package data, pinned hash)."""
-    path = evaluate.resolve_text("wikitext2")
-    assert path.is_relative_to(pathlib.Path(evaluate.__file__).parent)
+    path = perplexity.resolve_text("wikitext2")
+    assert path.is_relative_to(pathlib.Path(perplexity.__file__).parent)
     sums = dict(line.split()[::-1] for line in (path.parent / "SHA256SUMS").read_text().splitlines())
     assert hashlib.sha256(path.read_bytes()).hexdigest() == sums[path.name]
     assert path.stat().st_size > 1_000_000  # the whole split (1.29 MB), not a sample
-    sample = evaluate.resolve_text("wikitext2-sample")
+    sample = perplexity.resolve_text("wikitext2-sample")
     assert path.read_bytes().startswith(sample.read_bytes())
 
 
@@ -116,13 +116,13 @@ def test_cli_tasks_offline_json_records(tiny_model_dir, tmp_path):
 
 def test_offline_task_config_points_at_data_dir(tmp_path):
     """The shipped YAMLs are rewritten to the data folder given, whatever the working directory."""
-    cfg = evaluate.offline_task_config("piqa")
+    cfg = tasks.offline_task_config("piqa")
     path = pathlib.Path(cfg["dataset_kwargs"]["data_files"]["test"])
     assert path.is_absolute() and path.is_file() and path.name == "piqa.jsonl"
     (tmp_path / "piqa.jsonl").write_text(path.read_text())
-    moved = evaluate.offline_task_config("piqa", tmp_path)
+    moved = tasks.offline_task_config("piqa", tmp_path)
     assert moved["dataset_kwargs"]["data_files"]["test"] == str((tmp_path / "piqa.jsonl").resolve())
-    assert set(evaluate.offline_tasks()) >= {"arc_easy", "piqa", "boolq", "lambada_openai", "gsm8k"}
+    assert set(tasks.offline_tasks()) >= {"arc_easy", "piqa", "boolq", "lambada_openai", "gsm8k"}
 
 
 @pytest.mark.parametrize("extra, words", [

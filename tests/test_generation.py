@@ -59,7 +59,7 @@ def test_generate_in_bfloat16_runs(quantized_dir, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--dtype", "float64"], "--dtype 'float64' is not supported"),
-    (["--device", "tpu"], "--device 'tpu' is not supported"),
+    (["--device", "tpu"], "--device 'tpu' is not a torch device"),
 ])
 def test_bad_options_are_one_line_errors(argv, message, quantized_dir, capsys):
     assert main(["generate", str(quantized_dir), PROMPT, *argv]) == 2

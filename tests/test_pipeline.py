@@ -1,5 +1,5 @@
-"""`quantize_checkpoint` from Python: which tensors are quantized, shard planning, fused experts, tied embeddings,
-the output loading through `import ptqtp`, and the rules for an existing output directory."""
+"""Calibration-free `quantize_checkpoint` from Python: fused experts, tied embeddings, NaN weights, integer
+baselines, row-chunked solves, and the output loading through `import ptqtp`."""
 
 from __future__ import annotations
 
@@ -13,59 +13,12 @@ from safetensors.torch import load_file
 import ptqtp
 from ptqtp import checkpoint as ckpt
 from ptqtp import format as fmt
-from ptqtp import loader
-from ptqtp.errors import NonFiniteWeightError, OutputExistsError, UnsupportedCheckpointError
+from ptqtp import quantize_checkpoint
+from ptqtp.errors import NonFiniteWeightError, UnsupportedCheckpointError
 from ptqtp.packing import dequantize
-from ptqtp.pipeline import plan_shards, quantize_checkpoint
 from ptqtp.solver import decompose
 
 FAST = ptqtp.TritPlaneConfig(max_iters=3)
-CFG = ptqtp.TritPlaneConfig()
-
-
-@pytest.mark.parametrize("name, shape, action", [
-    ("model.layers.0.self_attn.q_proj.weight", (8, 8), loader.QUANTIZE),
-    ("model.layers.11.mlp.down_proj.weight", (8, 16), loader.QUANTIZE),
-    ("model.layers.0.mlp.experts.3.up_proj.weight", (8, 8), loader.QUANTIZE),  # per-expert Linear
-    ("model.layers.0.mlp.experts.gate_up_proj", (4, 16, 8), loader.QUANTIZE_EXPERTS),  # fused (E, out, in)
-    ("model.layers.0.mlp.experts.gate_up_proj_bias", (4, 16), loader.DENSE),
-    ("model.layers.0.mlp.gate.weight", (4, 8), loader.DENSE),  # MoE router
-    ("model.layers.0.block_sparse_moe.gate.weight", (4, 8), loader.DENSE),
-    ("model.layers.0.mlp.router.weight", (4, 8), loader.DENSE),
-    ("model.layers.0.mlp.shared_expert_gate.weight", (1, 8), loader.DENSE),
-    ("model.layers.0.input_layernorm.weight", (8,), loader.DENSE),
-    ("model.layers.0.self_attn.q_norm.weight", (8,), loader.DENSE),
-    ("model.layers.0.self_attn.q_proj.bias", (8,), loader.DENSE),
-    ("model.layers.0.mixer.conv1d.weight", (8, 1, 4), loader.DENSE),  # a 3-D tensor that is not experts
-    ("model.embed_tokens.weight", (32, 8), loader.DENSE),
-    ("lm_head.weight", (32, 8), loader.DENSE),
-    ("model.visual.blocks.layers.0.attn.qkv.weight", (24, 8), loader.DENSE),  # vision tower
-    ("model.vision_tower.encoder.layers.0.mlp.fc1.weight", (24, 8), loader.DENSE),
-])
-def test_which_tensors_are_quantized(name, shape, action):
-    assert loader.classify(name, shape, torch.bfloat16, CFG)[0] == action
-
-
-def test_skip_patterns_keep_linears_dense():
-    cfg = ptqtp.TritPlaneConfig(skip=(r"layers\.1\.",), modules_to_not_convert=("lm_head", "o_proj"))
-    assert loader.classify("model.layers.1.mlp.up_proj.weight", (8, 8), torch.float32, cfg)[0] == loader.DENSE
-    assert loader.classify("model.layers.0.self_attn.o_proj.weight", (8, 8), torch.float32, cfg)[0] == loader.DENSE
-    assert loader.classify("model.layers.0.mlp.up_proj.weight", (8, 8), torch.float32, cfg)[0] == loader.QUANTIZE
-
-
-def test_shard_plan_is_bounded_and_keeps_pairs_together(tiny_model_dir):
-    sources = loader.list_tensors(tiny_model_dir("llama"), CFG)
-    limit = 60_000
-    shards = plan_shards(sources, CFG, limit)
-    assert [s.name for s in shards] == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    for s in shards:
-        assert s.nbytes <= limit or len(s.tensors) == 1  # only a single tensor larger than the limit may exceed it
-        names = [x.name for x in s.specs]
-        for n in names:
-            if n.endswith(".weight_scale"):
-                assert n.replace("_scale", "") in names
-    assert [x.name for s in shards for x in s.specs] == [x.name for s in plan_shards(sources, CFG, limit) for x in s.specs]
-    assert [s.name for s in plan_shards(sources, CFG, 10**12)] == ["model.safetensors"]
 
 
 def _moe_dir(tmp_path: pathlib.Path) -> pathlib.Path:
@@ -155,27 +108,6 @@ def test_output_loads_with_ptqtp_and_matches_the_dequantized_weights(tiny_model_
         torch.testing.assert_close(q(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_existing_output_is_refused_then_overwritten(tiny_model_dir, tmp_path):
-    src = tiny_model_dir("llama")
-    out = tmp_path / "q"
-    out.mkdir()
-    (out / "notes.txt").write_text("mine")
-    cfg = ptqtp.TritPlaneConfig(method="rtn-ternary")
-    with pytest.raises(OutputExistsError, match="--resume.*--overwrite"):
-        quantize_checkpoint(src, out, cfg, show_progress=False)
-    (out / "model-00001-of-00009.safetensors").write_bytes(b"stale")
-    quantize_checkpoint(src, out, cfg, overwrite=True, show_progress=False)
-    assert (out / "notes.txt").read_text() == "mine"  # only what ptqtp writes is replaced
-    assert not (out / "model-00001-of-00009.safetensors").exists()
-    ckpt.validate_checkpoint(out)
-    # resuming a finished run is a no-op; resuming with other options is refused
-    before = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
-    quantize_checkpoint(src, out, cfg, resume=True, show_progress=False)
-    assert before == {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
-    with pytest.raises(OutputExistsError, match="other options"):
-        quantize_checkpoint(src, out, cfg.replace(group_size=64), resume=True, show_progress=False)
-
-
 def test_already_quantized_source_is_refused(tiny_model_dir, tmp_path):
     out = tmp_path / "q"
     quantize_checkpoint(tiny_model_dir("llama"), out, ptqtp.TritPlaneConfig(method="rtn-ternary"), show_progress=False)
@@ -205,9 +137,9 @@ def test_int_baseline_is_a_dense_labelled_checkpoint(tiny_model_dir, tmp_path):
 
 def test_row_chunked_solve_gives_the_whole_weight_result(tiny_model_dir, tmp_path, monkeypatch):
     """Large Linears are solved a few rows at a time to bound memory; the stored planes must not change."""
-    import ptqtp.pipeline as pipeline
+    from ptqtp import converter
 
-    monkeypatch.setattr(pipeline, "_ROW_CHUNK_ELEMS", {"cpu": 7 * 160 + 3, "cuda": 7 * 160 + 3})
+    monkeypatch.setattr(converter, "ROW_CHUNK_ELEMS", {"cpu": 7 * 160 + 3, "cuda": 7 * 160 + 3})
     src = tiny_model_dir("llama")
     out = tmp_path / "q"
     report = quantize_checkpoint(src, out, FAST, show_progress=False)

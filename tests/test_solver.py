@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from ptqtp.baselines import rtn_ternary
 from ptqtp.errors import BadOptionError, NonFiniteWeightError, PtqtpError
 from ptqtp.solver import (
     TritPlanes,
@@ -116,7 +115,7 @@ def test_default_beats_paper_and_rtn_ternary_on_heavy_tailed_weights():
     w = student_t(256, 576, seed=6)
     ours = decompose(w).relative_error(w)
     paper = decompose(w, method="paper").relative_error(w)
-    rtn = rtn_ternary(w, 128).relative_error(w)
+    rtn = decompose(w, 128, method="rtn-ternary").relative_error(w)
     assert ours < paper < rtn, (ours, paper, rtn)
 
 
@@ -226,12 +225,6 @@ def test_bad_arguments_raise_clear_errors():
         decompose(torch.ones(2, 2, dtype=torch.int32))
 
 
-def test_rtn_ternary_method_matches_the_baseline():
-    w = student_t(16, 300, seed=13)
-    a, b = decompose(w, method="rtn-ternary"), rtn_ternary(w, 128)
-    assert torch.equal(a.planes, b.planes) and torch.equal(a.scales, b.scales)
-
-
 def test_trit_planes_dataclass_contract():
     tp = decompose(student_t(8, 130, seed=14))
     assert isinstance(tp, TritPlanes) and tp.group_size == 128 and tp.iterations > 0
@@ -261,7 +254,7 @@ def test_default_beats_paper_on_real_smollm2_linears(smollm2_dir):
         w = sd[name]
         ours = decompose(w).relative_error(w)
         paper = decompose(w, method="paper").relative_error(w)
-        rtn = rtn_ternary(w, 128).relative_error(w)
+        rtn = decompose(w, 128, method="rtn-ternary").relative_error(w)
         assert ours < paper < rtn, (name, ours, paper, rtn)
 
 

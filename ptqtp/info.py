@@ -1,8 +1,10 @@
 """`ptqtp info`: what a quantized directory holds and which kernel would run it here.
 
 Reads config.json, the safetensors headers (never the tensor data) and `ptqtp_report.json` when present,
-and asks `ptqtp.backends` which kernel it would pick. Imports no transformers and no triton, so it answers
-in well under a second even for a 70B checkpoint. Must not import cli, pipeline or hf.
+and asks `ptqtp.backends` which kernel it would pick; no model is built, so the answer does not grow with the
+checkpoint. Imports `checkpoint`, `config`, `format`, `errors` and `backends` (lazily); never transformers,
+triton, `cli`, `hf` or the quantize-time modules. (Named `info`, after the command: `inspect` is the standard
+library's.)
 """
 
 from __future__ import annotations
@@ -14,13 +16,12 @@ from dataclasses import dataclass, field
 
 from . import format as fmt
 from .config import TritPlaneConfig
-from .checkpoint import validate_checkpoint
+from .checkpoint import REPORT_NAME, human_size, validate_checkpoint
 from .errors import CorruptCheckpointError, ModelNotFoundError
 
 # Token counts shown for the backend choice: one decode step, and a long prefill chunk.
 DECODE_M = 1
 PREFILL_M = 2048
-REPORT_FILE = "ptqtp_report.json"
 WORST_N = 5
 
 
@@ -101,7 +102,7 @@ def describe(path: str) -> Summary:
         base = name[: -len("." + fmt.WEIGHT_SUFFIX)] if name.endswith("." + fmt.WEIGHT_SUFFIX) else name
         summary.quantized.append(QuantizedTensor(base, out * math.prod(lead[:-1]), in_features, exact,
                                                  packed.nbytes + scales.nbytes))
-    report_path = os.path.join(path, REPORT_FILE)
+    report_path = os.path.join(path, REPORT_NAME)
     if os.path.isfile(report_path):
         try:
             with open(report_path) as f:
@@ -167,14 +168,6 @@ def selected_backend(m: int, n: int, k: int, group_size: int, hf_config: dict, d
 
 # ---------------------------------------------------------------------------------------------- output
 
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return ""
-
-
 def _report_errors(report: dict) -> list[tuple[str, float]]:
     """(tensor, relative error) pairs from the report's per-tensor records."""
     tensors = report.get("tensors") or {}
@@ -199,24 +192,24 @@ def format_summary(s: Summary) -> str:
         f"bits per weight   {s.bits_per_weight:.3f}{'' if exact else ' (approx.)'} (quantized Linears, from the files)"
         if s.quantized else f"bits per weight   - (no packed tensors: method {c.method} stores fake-quantized dense weights)",
         f"tensors           {len(s.quantized)} quantized Linears ({s.quantized_weights:,} weights), "
-        f"{s.dense_tensors} dense tensors ({_size(s.dense_bytes)})",
+        f"{s.dense_tensors} dense tensors ({human_size(s.dense_bytes)})",
         f"kept dense        {', '.join(c.modules_to_not_convert + c.skip) or '-'}",
     ]
     before = (s.report or {}).get("totals", {}).get("size_before_bytes") if s.report else None
-    size = f"size on disk      {_size(s.disk_bytes)}"
+    size = f"size on disk      {human_size(s.disk_bytes)}"
     if isinstance(before, (int, float)) and before > 0:
-        size += f" (dense original {_size(before)}, {before / s.disk_bytes:.2f}x smaller)"
+        size += f" (dense original {human_size(before)}, {before / s.disk_bytes:.2f}x smaller)"
     lines.append(size)
     errors = _report_errors(s.report) if s.report else []
     if errors:
         values = [e for _, e in errors]
         lines.append(f"relative error    mean {sum(values) / len(values):.4f}, max {max(values):.4f} "
-                     f"over {len(values)} tensors (||W - W_q|| / ||W||, from {REPORT_FILE})")
+                     f"over {len(values)} tensors (||W - W_q|| / ||W||, from {REPORT_NAME})")
         lines.append("worst tensors")
         for name, err in sorted(errors, key=lambda x: -x[1])[:WORST_N]:
             lines.append(f"  {err:.4f}  {name}")
     else:
-        lines.append(f"relative error    no {REPORT_FILE} here (it is written by `ptqtp quantize`)")
+        lines.append(f"relative error    no {REPORT_NAME} here (it is written by `ptqtp quantize`)")
     if s.quantized:
         t = max(s.quantized, key=lambda q: q.out_features * q.in_features)
         for label, m in (("decode", DECODE_M), ("prefill", PREFILL_M)):
