@@ -216,3 +216,24 @@ def test_compiles_into_one_graph():
     for m in (1, 5):
         x = torch.randn(2, m, 131)
         torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_available_says_what_runs_here():
+    """`available()` (what `ptqtp info` prints) marks a backend usable only where it runs: Triton without a GPU
+    is installed but never run (outside its interpreter), and says so."""
+    import importlib.util
+    import os
+
+    table = backends.available()
+    assert set(table) == set(backends.backend_names()) and table["reference"][0]
+    ok, reason = table["triton"]
+    if importlib.util.find_spec("triton") is None:
+        assert not ok and "not installed" in reason
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        assert ok and "interpreter" in reason
+    elif not torch.cuda.is_available():
+        assert not ok and "installed" in reason and "no CUDA device" in reason
+    else:
+        assert ok
+    if not torch.cuda.is_available():
+        assert table["cuda"] == (False, "no CUDA device")

@@ -10,8 +10,9 @@ Environment:
     PTQTP_BACKEND=reference|triton|cuda|cpu     force one backend; raises `NoBackendError` if it cannot run
     PTQTP_DISABLED_BACKENDS=name[,name...]      never pick these (the reference cannot be disabled)
 
-A preferred backend that is unavailable on the call's device (extension not built, no triton) is skipped with
-one log line giving its reason; `available()` reports every reason, as `ptqtp info` prints it.
+A backend made for the call's device (the first of its `devices`) that is unavailable (extension not built, no
+triton) is skipped with one log line giving its reason; `available()` says, per backend, whether it runs on
+this machine and why, as `ptqtp info` prints it (Triton without a GPU: installed, but never run).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def _first_fit(spec: KernelSpec, disabled: frozenset[str], call: KernelSpec) -> 
         if ok:
             return b
         reasons.append(f"{b.name}: {reason}")
-        if spec.device in b.devices and not b.available()[0] and (b.name, reason) not in _LOGGED:
+        if spec.device == b.devices[0] and not b.available()[0] and (b.name, reason) not in _LOGGED:
             _LOGGED.add((b.name, reason))
             _log.warning("ptqtp: backend %s cannot run on %s (%s); falling back to the next backend",
                          b.name, spec.device, reason)

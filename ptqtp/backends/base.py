@@ -78,7 +78,7 @@ class Backend:
 
     name: str
     priority: int  # lower is tried first
-    devices: tuple[str, ...]
+    devices: tuple[str, ...]  # where it can run; the first is the one it is made for (a fallback from it is logged)
     dtypes: tuple[torch.dtype, ...]
     available: Callable[[], tuple[bool, str]]
     supports: Callable[[KernelSpec], tuple[bool, str]]
