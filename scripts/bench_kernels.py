@@ -257,7 +257,8 @@ def _main_cuda(args) -> None:
             xs = {dt: torch.randn(m, n_in, device="cuda", dtype=dt) for dt in dtypes}
             base = {dt: _time_graph(lambda i, dt=dt: torch.nn.functional.linear(xs[dt], dense[dt][i % dense_n]),
                                     dense_n, args.min_time) for dt in dtypes}
-            runs = [(n, n) for n in names] + ([("triton fma", "fma")] if "triton" in names and m <= 16 else [])
+            runs = [(n, n) for n in names if n != "cuda" or m <= 16]  # the CUDA kernel is decode only
+            runs += [("triton fma", "fma")] if "triton" in names and m <= 16 else []
             for label, name in runs:
                 for dt in dtypes:
                     if name == "fma":

@@ -157,12 +157,13 @@ def test_decode_is_one_launch_and_repeats_bit_for_bit(backend, monkeypatch):
 
     packed, scales, bias = _layer(1024, 4096, 128)  # short N: split-K is used
     x = torch.randn(7, 4096, device="cuda", dtype=torch.float16)
+    b = bias.half()
     monkeypatch.setenv(backends.ENV_FORCE, backend)
     backends.clear_cache()
-    first = ops.trit_linear(x, packed, scales, bias.half(), 128, 4096)  # warm-up: layout built, kernels compiled
+    first = ops.trit_linear(x, packed, scales, b, 128, 4096)  # warm-up: layout built, kernels compiled
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        again = ops.trit_linear(x, packed, scales, bias.half(), 128, 4096)
+        again = ops.trit_linear(x, packed, scales, b, 128, 4096)
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     if not kernels:

@@ -240,7 +240,7 @@ def test_compiles_for_hopper(path, m):
     ptrs = dict(x_ptr="fp16", c_ptr="i32", s_ptr="fp16", b_ptr="fp16", y_ptr="fp16", ws_ptr="fp32", lock_ptr="i32")
     consts = dict(GROUP=128, HAS_BIAS=True, **cfg)
     if path == "prefill":
-        kernel, div = matmul._prefill_kernel, ("KP", "NP", "stride_xm")
+        kernel, div = matmul._prefill_kernel, ("NP", "stride_xm")
         ptrs = {k: v for k, v in ptrs.items() if k not in ("ws_ptr", "lock_ptr")}
         consts.update(PRECISION="ieee", FP32_DOT=False)
     else:

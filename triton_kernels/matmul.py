@@ -131,7 +131,7 @@ def _dot_kernel(x_ptr, c_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, K, NP
 
 
 @triton.jit
-def _prefill_kernel(x_ptr, c_ptr, s_ptr, b_ptr, y_ptr, M, N, KP, NP, G, KB, stride_xm, GROUP: tl.constexpr,
+def _prefill_kernel(x_ptr, c_ptr, s_ptr, b_ptr, y_ptr, M, N, NP, G, KB, stride_xm, GROUP: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                     FP32_DOT: tl.constexpr):
     """Like `_dot_kernel` in 64-column steps (one word per row and lane quarter: a (BLOCK_N, 64) weight tile
@@ -190,12 +190,12 @@ def trit_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    b = bias if bias is not None else y
+    b = bias.contiguous() if bias is not None else y
     dot = dict(PRECISION="tf32x3" if x.dtype == torch.float32 and x.is_cuda else "ieee",
                FP32_DOT=x.dtype == torch.bfloat16 and not x.is_cuda)
     if path == "prefill":
         _prefill_kernel[(triton.cdiv(m, block_m), np_ // block_n)](
-            x, codes, scales, b, y, m, n, x.shape[1], np_, g, kb, x.stride(0), GROUP=group_size, BLOCK_M=block_m,
+            x, codes, scales, b, y, m, n, np_, g, kb, x.stride(0), GROUP=group_size, BLOCK_M=block_m,
             BLOCK_N=block_n, HAS_BIAS=bias is not None, **dot, **cfg)
         return y
     blocks_per_split = blocks_per_split or kb
