@@ -157,7 +157,8 @@ def main(argv=None) -> None:
     c = {**LLAMA_8B, "layers": args.layers}
     max_len = steps + 8
     dtype = torch.bfloat16
-    names = [] if args.only_compile else (args.backends or [n for n in ("cuda", "triton") if backends.available()[n][0]])
+    names = args.backends or [n for n in ("cuda", "triton") if backends.available()[n][0]]
+    names = [] if args.only_compile else names
     args.compile = args.compile or args.only_compile
     print(f"# decode, Llama-3.1-8B shapes ({c['layers']} layers), random weights, {dtype}, group {args.group_size}, "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {steps} steps after warm-up")

@@ -21,22 +21,18 @@ import pytest
 import torch
 
 from ptqtp import backends, ops
-from ptqtp.packing import pack
+from test_ops import MAX_REL_ERR_VS_REFERENCE as MAX_REL_ERR
+from test_ops import _layer as _cpu_layer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CUDA_SRC = ROOT / "csrc" / "cuda"
 NVCC = shutil.which("nvcc")
-MAX_REL_ERR = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
 COMPILE_TIMEOUT_S = 240
 on_gpu = pytest.mark.cuda
 
 
-def _layer(n, k, g, dev="cuda", seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    planes = torch.randint(-1, 2, (2, n, k), generator=gen, dtype=torch.int8)
-    scales = (torch.rand(2, n, -(-k // g), generator=gen) * 0.02 + 0.005).half()
-    bias = torch.randn(n, generator=gen)
-    return pack(planes).to(dev), scales.to(dev), bias.to(dev)
+def _layer(n, k, g, seed=0):
+    return tuple(t.to("cuda") for t in _cpu_layer(n, k, g, seed))
 
 
 def _rel_err(y, want) -> float:

@@ -29,6 +29,8 @@ import torch
 from ptqtp import backends, ops
 from ptqtp.backends import gpu_layouts
 from ptqtp.packing import pack
+from test_ops import MAX_REL_ERR_VS_REFERENCE as MAX_REL_ERR
+from test_ops import _layer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ON_GPU = torch.cuda.is_available()
@@ -37,19 +39,6 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEV = "cuda" if ON_GPU else "cpu"
 runs_triton = pytest.mark.skipif(not (HAS_TRITON and (ON_GPU or INTERPRETING)),
                                  reason="no GPU: run under the interpreter by test_interpreted_in_child")
-
-# relative Frobenius error against the float64 reference with the exact weight: fp32 accumulation order;
-# fp16 / bf16 rounding of the output, and of the weight where a path rounds it as the reference does
-MAX_REL_ERR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-def _layer(n: int, k: int, g: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    planes = torch.randint(-1, 2, (2, n, k), generator=gen, dtype=torch.int8)
-    scales = (torch.rand(2, n, -(-k // g), generator=gen) * 0.05 + 0.01).half()  # (2, N, G)
-    bias = torch.randn(n, generator=gen)
-    return pack(planes), scales, bias
-
 
 def _rel_err(y: torch.Tensor, want: torch.Tensor) -> float:
     return ((y.double().cpu() - want).norm() / want.norm()).item()
@@ -227,7 +216,8 @@ def _compile_sm90(kernel, consts: dict, ptr_dtypes: dict, div16: tuple[str, ...]
     return compiled.asm["ptx"], sass
 
 
-@pytest.mark.skipif(not HAS_TRITON or INTERPRETING, reason="needs triton, compiling (not interpreting)")
+@pytest.mark.skipif(not HAS_TRITON or INTERPRETING or ON_GPU,
+                    reason="needs triton compiling without a GPU (on one, the tests above compile and run them)")
 @pytest.mark.parametrize("path, m", [("dot", 1), ("fma", 1), ("prefill", 2048)])
 def test_compiles_for_hopper(path, m):
     """Each path's default configuration builds for sm_90 and loads 128 bits at a time (plain or async copies:
