@@ -76,10 +76,14 @@ def _binding_command(tmp_path: pathlib.Path) -> list[str] | None:
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 def test_cuda_sources_compile(tmp_path):
-    """nvcc builds the kernel for sm_90 without spills; the binding passes the C++ front end (both at once)."""
+    """nvcc builds the kernel for sm_90 without spills (with the flags torch's extension build adds and setup.py's
+    own); the binding passes the C++ front end (both at once)."""
+    from torch.utils import cpp_extension
+
     obj = tmp_path / "trit_gemv.o"
-    nvcc = subprocess.Popen([NVCC, "-std=c++17", "-O3", "-arch=sm_90", "-Xptxas", "-v", "-c",
-                             str(CUDA_SRC / "trit_gemv.cu"), "-o", str(obj)],
+    flags = [*getattr(cpp_extension, "COMMON_NVCC_FLAGS", []), "-O3", "--use_fast_math", "-std=c++17"]
+    nvcc = subprocess.Popen([NVCC, *flags, "-arch=sm_90", "-Xptxas", "-v", "-c", str(CUDA_SRC / "trit_gemv.cu"),
+                             "-o", str(obj)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     binding_cmd = _binding_command(tmp_path)
     binding = subprocess.Popen(binding_cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) \
