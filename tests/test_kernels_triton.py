@@ -5,8 +5,8 @@
   N a multiple of no block, M = 1..16 for both decode paths and 33 / 300 for prefill, groups 64 / 128 / 256,
   bias or none, fp16 / bf16 / fp32; split-K deterministic with its counters left at zero; strided storage
   views through the op.
-- Each kernel compiles for sm_90 (Hopper) with 128-bit weight loads and tensor-core instructions: needs
-  triton, not a GPU.
+- Each path compiles for sm_90 (Hopper) with 128-bit loads, tensor-core instructions and no more shared
+  memory than a block has: needs triton, not a GPU.
 
 Kernels run compiled where a GPU is present. Without one, `test_interpreted_in_child` reruns this file and
 the Triton cases of test_ops.py in a child process that sets TRITON_INTERPRET=1 before triton is imported
@@ -184,8 +184,11 @@ def test_op_on_strided_storage_views(m, monkeypatch):
 
 # ----------------------------------------------------------------------------------- compiled for Hopper
 
+SM90_SHARED_BYTES = 227 * 1024  # shared memory one block may use on an H100 / H200
+
+
 def _compile_sm90(kernel, consts: dict, ptr_dtypes: dict, div16: tuple[str, ...]):
-    """triton.compile for sm_90 without a GPU; returns (PTX, SASS or "" when cuobjdump is missing)."""
+    """triton.compile for sm_90 without a GPU: (PTX, SASS or "" when cuobjdump is missing, shared bytes)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -213,22 +216,23 @@ def _compile_sm90(kernel, consts: dict, ptr_dtypes: dict, div16: tuple[str, ...]
                                   timeout=60).stdout
         finally:
             cubin.unlink()
-    return compiled.asm["ptx"], sass
+    return compiled.asm["ptx"], sass, compiled.metadata.shared
 
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETING or ON_GPU,
                     reason="needs triton compiling without a GPU (on one, the tests above compile and run them)")
-@pytest.mark.parametrize("path, m", [("dot", 1), ("fma", 1), ("prefill", 2048)])
-def test_compiles_for_hopper(path, m):
+@pytest.mark.parametrize("path, m, group", [("dot", 1, 128), ("fma", 1, 128), ("prefill", 2048, 128),
+                                            ("prefill", 2048, 256)])
+def test_compiles_for_hopper(path, m, group):
     """Each path's default configuration builds for sm_90 and loads 128 bits at a time (plain or async copies:
     the weight words in the decode paths, whose activations are gathers; the activation tiles in prefill,
     which reads one word per row and lane quarter per 64-column step), and the tensor-core paths issue mma /
-    wgmma."""
+    wgmma, within the shared memory of a block."""
     from ptqtp.triton_kernels import matmul, path_config
 
-    cfg = path_config(path, m)
+    cfg = path_config(path, m, group)
     ptrs = dict(x_ptr="fp16", c_ptr="i32", s_ptr="fp16", b_ptr="fp16", y_ptr="fp16", ws_ptr="fp32", lock_ptr="i32")
-    consts = dict(GROUP=128, HAS_BIAS=True, **cfg)
+    consts = dict(GROUP=group, HAS_BIAS=True, **cfg)
     if path == "prefill":
         kernel, div = matmul._prefill_kernel, ("NP", "stride_xm")
         ptrs = {k: v for k, v in ptrs.items() if k not in ("ws_ptr", "lock_ptr")}
@@ -236,7 +240,8 @@ def test_compiles_for_hopper(path, m):
     else:
         kernel, div = (matmul._dot_kernel if path == "dot" else matmul._fma_kernel), ("K", "NP", "stride_xm")
         consts.update(SPLIT_K=True, **(dict(PRECISION="ieee", FP32_DOT=False) if path == "dot" else {}))
-    ptx, sass = _compile_sm90(kernel, consts, ptrs, div)
+    ptx, sass, shared = _compile_sm90(kernel, consts, ptrs, div)
+    assert shared <= SM90_SHARED_BYTES, f"{path}: {shared} bytes of shared memory"
     wide = re.search(r"ld\.global[.\w:]*\.v4\.b32|cp\.async\.cg\.shared\.global[^;\n]*, 0x10,", ptx)
     assert wide, f"{path}: no 128-bit loads in the PTX"
     if path != "fma":

@@ -30,14 +30,15 @@ BLOCK_COLS = 256  # columns per layout block (one loop step)
 DECODE_MAX_M = 16  # tokens one decode launch takes
 
 
-def path_config(path: str, m: int) -> dict:
-    """Block sizes and launch options of one path (set from sm_90 register and shared-memory use reported by
-    the compiler, not yet from timings: scripts/bench_kernels.py --device cuda sweeps them)."""
+def path_config(path: str, m: int, group_size: int = 128) -> dict:
+    """Block sizes and launch options of one path, set from the sm_90 compiler's register and shared-memory
+    report (no spills; prefill's pipelined stages hold whole groups, so g = 256 gets two to stay under the
+    227 KiB of shared memory), not from timings yet."""
     if path == "fma":
         block_m = triton.next_power_of_2(m)
         return dict(BLOCK_M=block_m, BLOCK_N=max(8, 32 // block_m), num_warps=4, num_stages=2)
     if path == "prefill":
-        return dict(BLOCK_M=64 if m <= 64 else 128, BLOCK_N=128, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64 if m <= 64 else 128, BLOCK_N=128, num_warps=8, num_stages=3 if group_size <= 128 else 2)
     return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)
 
 
@@ -185,7 +186,7 @@ def trit_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias
     n, np_, kb, g = out_features, scales.shape[-1], codes.shape[1], scales.shape[0]
     if path != "prefill" and m > DECODE_MAX_M:
         raise ValueError(f"the {path} path takes at most {DECODE_MAX_M} tokens, got {m}")
-    cfg = {**path_config(path, m), **(config or {})}
+    cfg = {**path_config(path, m, group_size), **(config or {})}
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     if x.stride(-1) != 1:
         x = x.contiguous()
