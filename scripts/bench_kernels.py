@@ -264,7 +264,7 @@ def _main_cuda(args) -> None:
                     if name == "fma":
                         def call(i, x=xs[dt]):
                             lay = lays[i]
-                            split, per = lay.split_plan(triton_kernels.path_config("fma", m)["BLOCK_N"], x.device)
+                            split, per = lay.split_plan(triton_kernels.path_config("fma", m, GROUP)["BLOCK_N"], x.device)
                             locks = gpu_layouts.split_locks(x.device, lay.padded_out)
                             return triton_kernels.trit_matmul(x, lay.codes, lay.scales, None, n_out, n_in, GROUP,
                                                               path="fma", locks=locks, split=split,

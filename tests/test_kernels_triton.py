@@ -104,7 +104,7 @@ def _run(path, x, packed, scales, bias, k, g, split=None):
     if path == "prefill":
         xp = gpu_layouts.prefill_order(x, lay.k_blocks)
         return triton_kernels.trit_matmul(xp, lay.codes, lay.scales, bias, lay.out_features, k, g, path="prefill")
-    rows = triton_kernels.path_config(path, x.shape[0])["BLOCK_N"]
+    rows = triton_kernels.path_config(path, x.shape[0], g, x.dtype == torch.float32)["BLOCK_N"]
     plan = gpu_layouts.split_k(lay.padded_out // rows, lay.k_blocks, gpu_layouts.sm_count(x.device))
     split, per = plan if split is None else (split, -(-lay.k_blocks // split))
     locks = torch.zeros(lay.padded_out // rows, dtype=torch.int32, device=x.device)
@@ -188,7 +188,8 @@ SM90_SHARED_BYTES = 227 * 1024  # shared memory one block may use on an H100 / H
 
 
 def _compile_sm90(kernel, consts: dict, ptr_dtypes: dict, div16: tuple[str, ...]):
-    """triton.compile for sm_90 without a GPU: (PTX, SASS or "" when cuobjdump is missing, shared bytes)."""
+    """triton.compile for sm_90 without a GPU: (PTX, SASS + resource usage or "" when cuobjdump is missing,
+    shared bytes)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -212,8 +213,8 @@ def _compile_sm90(kernel, consts: dict, ptr_dtypes: dict, div16: tuple[str, ...]
         cubin = pathlib.Path(os.environ.get("TMPDIR", "/tmp")) / f"ptqtp-{os.getpid()}-{kernel.__name__}.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         try:
-            sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True,
-                                  timeout=60).stdout
+            sass = "".join(subprocess.run([str(cuobjdump), flag, str(cubin)], capture_output=True, text=True,
+                                          timeout=60).stdout for flag in ("--dump-resource-usage", "-sass"))
         finally:
             cubin.unlink()
     return compiled.asm["ptx"], sass, compiled.metadata.shared
@@ -221,33 +222,35 @@ def _compile_sm90(kernel, consts: dict, ptr_dtypes: dict, div16: tuple[str, ...]
 
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETING or ON_GPU,
                     reason="needs triton compiling without a GPU (on one, the tests above compile and run them)")
-@pytest.mark.parametrize("path, m, group", [("dot", 1, 128), ("fma", 1, 128), ("prefill", 2048, 128),
-                                            ("prefill", 2048, 256)])
-def test_compiles_for_hopper(path, m, group):
+@pytest.mark.parametrize("path, m, group, act", [("dot", 1, 128, "fp16"), ("fma", 1, 128, "fp16"),
+                                                 ("prefill", 2048, 128, "bf16"), ("prefill", 2048, 256, "fp16"),
+                                                 ("dot", 4, 64, "fp32")])
+def test_compiles_for_hopper(path, m, group, act):
     """Each path's default configuration builds for sm_90 and loads 128 bits at a time (plain or async copies:
     the weight words in the decode paths, whose activations are gathers; the activation tiles in prefill,
-    which reads one word per row and lane quarter per 64-column step), and the tensor-core paths issue mma /
-    wgmma, within the shared memory of a block."""
+    which reads one word per row and lane quarter per 64-column step), the tensor-core paths issue mma / wgmma
+    (fp16 / bf16), within the shared memory of a block and without spilling registers."""
     from ptqtp.triton_kernels import matmul, path_config
 
-    cfg = path_config(path, m, group)
-    ptrs = dict(x_ptr="fp16", c_ptr="i32", s_ptr="fp16", b_ptr="fp16", y_ptr="fp16", ws_ptr="fp32", lock_ptr="i32")
+    cfg = path_config(path, m, group, act == "fp32")
+    ptrs = dict(x_ptr=act, c_ptr="i32", s_ptr="fp16", b_ptr=act, y_ptr=act, ws_ptr="fp32", lock_ptr="i32")
     consts = dict(GROUP=group, HAS_BIAS=True, **cfg)
     if path == "prefill":
         kernel, div = matmul._prefill_kernel, ("NP", "stride_xm")
         ptrs = {k: v for k, v in ptrs.items() if k not in ("ws_ptr", "lock_ptr")}
-        consts.update(PRECISION="ieee", FP32_DOT=False)
+        consts.update(FP32_DOT=False)
     else:
         kernel, div = (matmul._dot_kernel if path == "dot" else matmul._fma_kernel), ("K", "NP", "stride_xm")
-        consts.update(SPLIT_K=True, **(dict(PRECISION="ieee", FP32_DOT=False) if path == "dot" else {}))
+        consts.update(SPLIT_K=True, **(dict(FP32_DOT=False) if path == "dot" else {}))
     ptx, sass, shared = _compile_sm90(kernel, consts, ptrs, div)
     assert shared <= SM90_SHARED_BYTES, f"{path}: {shared} bytes of shared memory"
     wide = re.search(r"ld\.global[.\w:]*\.v4\.b32|cp\.async\.cg\.shared\.global[^;\n]*, 0x10,", ptx)
     assert wide, f"{path}: no 128-bit loads in the PTX"
-    if path != "fma":
+    if path != "fma" and act != "fp32":  # fp32 decode multiplies exactly ("ieee"), on CUDA cores
         assert re.search(r"\bmma\.sync|\bwgmma\.", ptx), f"{path}: no tensor-core instructions"
     if sass:
         assert re.search(r"LDG\.E[.A-Z]*\.128|LDGSTS\.E[.A-Z]*\.128", sass)
+        assert re.search(r"STACK:0 ", sass) and re.search(r"LOCAL:0 ", sass), "registers spilled"
 
 
 # ------------------------------------------------------------------------------------- the child process

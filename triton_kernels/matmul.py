@@ -30,16 +30,21 @@ BLOCK_COLS = 256  # columns per layout block (one loop step)
 DECODE_MAX_M = 16  # tokens one decode launch takes
 
 
-def path_config(path: str, m: int, group_size: int = 128) -> dict:
-    """Block sizes and launch options of one path, set from the sm_90 compiler's register and shared-memory
-    report (no spills; prefill's pipelined stages hold whole groups, so g = 256 gets two to stay under the
-    227 KiB of shared memory), not from timings yet."""
+def path_config(path: str, m: int, group_size: int = 128, fp32: bool = False) -> dict:
+    """Block sizes, launch options and the fp32 dot precision of one path, set from the sm_90 compiler's
+    register and shared-memory report (no spills), not from timings yet. Prefill's pipelined stages hold whole
+    groups, so g = 256 gets two to stay under the 227 KiB of shared memory. fp32 activations (rare on a GPU)
+    get exact "ieee" products in decode and three-pass tf32 ("tf32x3") with narrow tiles in prefill: the
+    other combinations spill."""
     if path == "fma":
         block_m = triton.next_power_of_2(m)
         return dict(BLOCK_M=block_m, BLOCK_N=max(8, 32 // block_m), num_warps=4, num_stages=2)
     if path == "prefill":
-        return dict(BLOCK_M=64 if m <= 64 else 128, BLOCK_N=128, num_warps=8, num_stages=3 if group_size <= 128 else 2)
-    return dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2)
+        if fp32:
+            return dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2, PRECISION="tf32x3")
+        return dict(BLOCK_M=64 if m <= 64 else 128, BLOCK_N=128, num_warps=8,
+                    num_stages=3 if group_size <= 128 else 2, PRECISION="ieee")
+    return dict(BLOCK_M=16, BLOCK_N=64, num_warps=8 if fp32 else 4, num_stages=2, PRECISION="ieee")
 
 
 @triton.jit
@@ -186,14 +191,15 @@ def trit_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias
     n, np_, kb, g = out_features, scales.shape[-1], codes.shape[1], scales.shape[0]
     if path != "prefill" and m > DECODE_MAX_M:
         raise ValueError(f"the {path} path takes at most {DECODE_MAX_M} tokens, got {m}")
-    cfg = {**path_config(path, m, group_size), **(config or {})}
+    cfg = {**path_config(path, m, group_size, x.dtype == torch.float32), **(config or {})}
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     if x.stride(-1) != 1:
         x = x.contiguous()
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     b = bias.contiguous() if bias is not None else y
-    dot = dict(PRECISION="tf32x3" if x.dtype == torch.float32 and x.is_cuda else "ieee",
-               FP32_DOT=x.dtype == torch.bfloat16 and not x.is_cuda)
+    if not x.is_cuda:  # the interpreter: numpy products, and it cannot multiply bf16
+        cfg["PRECISION"] = "ieee"
+    dot = dict(FP32_DOT=x.dtype == torch.bfloat16 and not x.is_cuda)
     if path == "prefill":
         _prefill_kernel[(triton.cdiv(m, block_m), np_ // block_n)](
             x, codes, scales, b, y, m, n, np_, g, kb, x.stride(0), GROUP=group_size, BLOCK_M=block_m,
@@ -205,6 +211,7 @@ def trit_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias
             blocks_per_split, split, x.stride(0))
     common = dict(GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, SPLIT_K=split > 1, HAS_BIAS=bias is not None)
     if path == "fma":
+        cfg.pop("PRECISION", None)
         _fma_kernel[(np_ // block_n, split)](*args, **common, **cfg)
     elif path == "dot":
         _dot_kernel[(1, np_ // block_n, split)](*args, **common, **dot, **cfg)

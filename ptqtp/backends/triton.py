@@ -91,7 +91,8 @@ def trit_linear_triton(x, packed, scales, bias, group_size: int, in_features: in
     if kernel_kind(x.shape[0]) == "gemm":
         xp = gpu_layouts.prefill_order(x, lay.k_blocks)  # (M, Kp)
         return kernels.trit_matmul(xp, lay.codes, lay.scales, bias, n, in_features, group_size, path="prefill")
-    rows = kernels.path_config(DECODE_PATH, x.shape[0])["BLOCK_N"]  # rows per program: the split-K plan's unit
+    cfg = kernels.path_config(DECODE_PATH, x.shape[0], group_size, x.dtype == torch.float32)
+    rows = cfg["BLOCK_N"]  # rows per program: the split-K plan's unit
     split, per = lay.split_plan(rows, x.device)
     locks = gpu_layouts.split_locks(x.device, lay.padded_out // rows)
     return kernels.trit_matmul(x, lay.codes, lay.scales, bias, n, in_features, group_size, path=DECODE_PATH,
