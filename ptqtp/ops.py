@@ -6,8 +6,9 @@ tokens to (M, K) and hands the call to the backend `select_backend` picks (refer
 
 Per-call cost matters at decode (hundreds of small Linears per token), so the eager body remembers what cannot
 change between calls: the tensor shapes it has already validated, and (through `backends.backend_for`) the
-backend chosen per (device, dtype, decode/prefill, N, K, group size, PTQTP_BACKEND, PTQTP_DISABLED_BACKENDS);
-`backends.clear_cache()` resets that choice.
+backend chosen per (device, dtype, `m_class(M)`, N, K, group size, PTQTP_BACKEND, PTQTP_DISABLED_BACKENDS),
+which is all a choice depends on; `backends.clear_cache()` resets it. GPU backends build their runtime
+layout on a weight's first call: run one eager call (a warm-up) before capturing a CUDA graph.
 """
 
 from __future__ import annotations

@@ -10,12 +10,20 @@ the weights cannot stay in the last-level cache (CPU) or L2 (GPU) between calls.
     python scripts/bench_kernels.py --device cuda           # the full table of the issue
     python scripts/bench_kernels.py --shapes 4096x4096 --m 1 --backends cpu
     python scripts/bench_kernels.py --device cpu --shapes 4096x4096 --m 1 --isas avx512 avx2 generic
+    python scripts/bench_kernels.py --device cuda --shapes 4096x4096 28672x8192 --m 1 8 16 2048 --sweep
 
 The quantized side is timed through `ops.trit_linear_eager`, the body an eager `TritPlaneLinear` call runs (the
 registered custom op's wrapper adds tens of microseconds per call and is only on the path of compiled graphs).
 With --isas, the cpu backend is timed once per CPU kernel ISA (PTQTP_CPU_ISA; ISAs this CPU lacks are reported,
 not timed). Prints a markdown table (the format of eval/KERNELS.md). Timings on a shared machine are noisy:
 compare ratios from one run only.
+
+On CUDA (`_main_cuda`) every time is a CUDA-graph replay of one call per layer (no Python or launch
+overhead: what a graph-captured decode step sees), quantized layers are random valid bytes made on the GPU,
+the baseline is cuBLAS through F.linear in fp16 and bf16, and GB/s counts the bytes the GPU kernels read (the
+4.25-bit "trit2" runtime layout, not the 3.45-bit storage). Rows: the backends `cuda` and `triton` as the
+dispatcher runs them, and `triton fma` (the CUDA-core decode path, for M <= 16); --sweep adds the CUDA
+kernel at each split-K factor (M = 1 and 16) to set `gpu_layouts.PROGRAMS_PER_SM` from.
 """
 
 from __future__ import annotations
@@ -109,7 +117,10 @@ def main(argv=None) -> None:
     ap.add_argument("--max-iters", type=int, default=50, help="passes over the layers per measurement")
     ap.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
     ap.add_argument("--isas", nargs="*", help="cpu backend: time these kernel ISAs (avx512 avx2 generic; default auto)")
+    ap.add_argument("--sweep", action="store_true", help="cuda: also time the CUDA kernel at each split-K factor")
     args = ap.parse_args(argv)
+    if args.device.startswith("cuda"):
+        return _main_cuda(args)
 
     from ptqtp import backends, layouts, ops
 
@@ -172,6 +183,137 @@ def main(argv=None) -> None:
                 os.environ.pop(ISA_ENV, None)
         layouts.clear_cache()  # runtime layouts of this shape's layers: free them before the next shape
         del quant, dense
+
+
+# ------------------------------------------------------------------------------------------------- CUDA
+
+CUDA_SHAPES = [(4096, 4096), (28672, 8192)]
+CUDA_MS = [1, 8, 16, 2048]
+
+
+def _time_graph(fn, n_layers: int, min_time: float) -> float:
+    """Seconds per call from CUDA-graph replays of one call per layer (warmed up eagerly first)."""
+    for i in range(n_layers):
+        fn(i)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(n_layers):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = 1
+    while True:
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        sec = start.elapsed_time(end) / 1e3
+        if sec >= min_time or reps >= 1 << 16:
+            return sec / (reps * n_layers)
+        reps *= 2
+
+
+def _cuda_quant_layers(n_out: int, n_in: int, count: int):
+    """Random valid storage bytes (every value < 243 is 5 trits) and scales, made on the GPU."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    layers = []
+    for _ in range(count):
+        packed = torch.randint(0, 243, (2, n_out, math.ceil(n_in / 5)), generator=gen, device="cuda",
+                               dtype=torch.uint8)
+        scales = (torch.rand((2, n_out, math.ceil(n_in / GROUP)), generator=gen, device="cuda") * 0.02).half()
+        layers.append((packed, scales))
+    return layers
+
+
+def _main_cuda(args) -> None:
+    from ptqtp import backends, layouts, ops, triton_kernels
+    from ptqtp.backends import gpu_layouts
+
+    shapes = args.shapes or CUDA_SHAPES
+    ms = args.m or CUDA_MS
+    names = args.backends or [n for n in ("cuda", "triton") if backends.available()[n][0]]
+    dtypes = (torch.float16, torch.bfloat16)
+    peak = _copy_bandwidth("cuda")
+    print(f"# trit_linear vs cuBLAS (F.linear) on {torch.cuda.get_device_name()}; copy bandwidth {peak:.0f} GB/s; "
+          f"group {GROUP}; CUDA-graph replays; torch {torch.__version__}; backends: "
+          + "; ".join(f"{n}: {backends.available()[n][1]}" for n in names))
+    print("| shape (out x in) | M | backend | act | ms | dense fp16 ms | dense bf16 ms | x fp16 | x bf16 | GB/s "
+          "| % copy BW |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    sweep = []
+    for n_out, n_in in shapes:
+        n_pad, k_pad = math.ceil(n_out / 128) * 128, math.ceil(n_in / 256) * 256
+        lay_bytes = n_pad * k_pad // 2 + 4 * n_pad * math.ceil(n_in / GROUP)  # 2 planes x 2 bits + fp16 scales
+        n_layers = max(2, math.ceil(2 * CACHE_BYTES["cuda"] / lay_bytes))
+        quant = _cuda_quant_layers(n_out, n_in, n_layers)
+        dense_n = max(2, math.ceil(2 * CACHE_BYTES["cuda"] / (n_out * n_in * 2)))
+        dense = {dt: [torch.randn(n_out, n_in, device="cuda", dtype=dt) * 0.02 for _ in range(dense_n)]
+                 for dt in dtypes}
+        lays = [gpu_layouts.cached_layout(p, s, n_in, GROUP) for p, s in quant]  # built once, before any capture
+        for m in ms:
+            xs = {dt: torch.randn(m, n_in, device="cuda", dtype=dt) for dt in dtypes}
+            base = {dt: _time_graph(lambda i, dt=dt: torch.nn.functional.linear(xs[dt], dense[dt][i % dense_n]),
+                                    dense_n, args.min_time) for dt in dtypes}
+            runs = [(n, n) for n in names if n != "cuda" or m <= 16]  # the CUDA kernel is decode only
+            runs += [("triton fma", "fma")] if "triton" in names and m <= 16 else []
+            for label, name in runs:
+                for dt in dtypes:
+                    if name == "fma":
+                        def call(i, x=xs[dt]):
+                            lay = lays[i]
+                            split, per = lay.split_plan(triton_kernels.path_config("fma", m, GROUP)["BLOCK_N"], x.device)
+                            locks = gpu_layouts.split_locks(x.device, lay.padded_out)
+                            return triton_kernels.trit_matmul(x, lay.codes, lay.scales, None, n_out, n_in, GROUP,
+                                                              path="fma", locks=locks, split=split,
+                                                              blocks_per_split=per)
+                    else:
+                        os.environ[backends.ENV_FORCE] = name
+                        backends.clear_cache()
+
+                        def call(i, x=xs[dt]):
+                            return ops.trit_linear_eager(x, *quant[i], None, GROUP, n_in)
+                    try:
+                        sec = _time_graph(call, n_layers, args.min_time)
+                    except Exception as err:  # a backend that cannot run this call: say so in the table
+                        print(f"| {n_out}x{n_in} | {m} | {label} | {str(dt).removeprefix('torch.')} | "
+                              f"cannot run: {str(err).splitlines()[0][:90]} |", flush=True)
+                        continue
+                    finally:
+                        os.environ.pop(backends.ENV_FORCE, None)
+                    gbs = lay_bytes / sec / 1e9
+                    print(f"| {n_out}x{n_in} | {m} | {label} | {str(dt).removeprefix('torch.')} | {sec * 1e3:.4f} | "
+                          f"{base[dtypes[0]] * 1e3:.4f} | {base[dtypes[1]] * 1e3:.4f} | {base[dtypes[0]] / sec:.2f} | "
+                          f"{base[dtypes[1]] / sec:.2f} | {gbs:.0f} | {100 * gbs / peak:.0f} |", flush=True)
+            if args.sweep and m in (1, 16) and "cuda" in names:
+                sweep += _sweep_split(lays, xs[torch.float16], n_out, n_in, n_layers, args.min_time, base, peak,
+                                      lay_bytes)
+        layouts.clear_cache()
+        del quant, dense, lays
+        torch.cuda.empty_cache()
+    if sweep:
+        print("\n| shape (out x in) | M | split-K | ms | x dense fp16 | % copy BW |\n|---|---|---|---|---|---|")
+        print("\n".join(sweep))
+
+
+def _sweep_split(lays, x, n_out, n_in, n_layers, min_time, base, peak, lay_bytes) -> list[str]:
+    """The CUDA kernel at every split-K factor (the plan picks one of them)."""
+    from ptqtp.backends import cuda, gpu_layouts
+
+    ext, _ = cuda._load()
+    rows = []
+    k_blocks = lays[0].k_blocks
+    for split in sorted({s for s in (1, 2, 4, 8, 16, 32) if s <= k_blocks}):
+        per = math.ceil(k_blocks / split)
+        locks = gpu_layouts.split_locks(x.device, lays[0].padded_out)
+        sec = _time_graph(lambda i: ext.gemv(x, lays[i].codes, lays[i].scales, None, locks, n_out, n_in, GROUP,
+                                             math.ceil(k_blocks / per), per), n_layers, min_time)
+        gbs = lay_bytes / sec / 1e9
+        rows.append(f"| {n_out}x{n_in} | {x.shape[0]} | {math.ceil(k_blocks / per)} | {sec * 1e3:.4f} | "
+                    f"{base[torch.float16] / sec:.2f} | {100 * gbs / peak:.0f} |")
+    return rows
 
 
 if __name__ == "__main__":

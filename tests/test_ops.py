@@ -1,22 +1,20 @@
 """`torch.ops.ptqtp.trit_linear` and its backends: every runnable backend against the reference, opcheck,
-and the PTQTP_BACKEND / fallback behaviour of the dispatcher.
+torch.compile, and the PTQTP_BACKEND / fallback / memo behaviour of the dispatcher.
 
-Triton runs here under its interpreter on CPU (forced), so TRITON_INTERPRET is set before anything imports
-triton; its shapes stay tiny.
+Triton is tested compiled where a GPU is present. Without one its cases run in a child process under
+Triton's CPU interpreter (`tests/test_kernels_triton.py` starts it: TRITON_INTERPRET=1 must be set before
+anything imports triton), so the shapes stay tiny.
 """
 
-import os
+import logging
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import logging  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from ptqtp import backends, ops  # noqa: E402
-from ptqtp.errors import BadOptionError, CorruptCheckpointError, NoBackendError  # noqa: E402
-from ptqtp.packing import pack  # noqa: E402
+from ptqtp import backends, ops
+from ptqtp.backends import base
+from ptqtp.errors import BadOptionError, CorruptCheckpointError, NoBackendError
+from ptqtp.packing import pack
 
 # relative Frobenius error of a backend's output against the float64 reference, per activation dtype:
 # float32 accumulation order; fp16/bf16 output rounding plus the reference's rounding of W to that dtype
@@ -29,9 +27,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _runnable_backends() -> list[str]:
-    """Every backend that can run on this machine's CPU or GPU (Triton through its interpreter on CPU)."""
-    names = [name for name, (ok, _) in backends.available().items() if ok]
-    return [n for n in names if n != "cuda" or torch.cuda.is_available()]
+    """Every backend that can run on this machine (Triton on CPU only under its interpreter)."""
+    return [name for name, (ok, _) in backends.available().items() if ok]
 
 
 def _device_for(name: str) -> str:
@@ -164,3 +161,79 @@ def test_bad_inputs_name_the_cause():
         ops.trit_linear(torch.randn(1, 40), packed, scales, None, 16, 40)
     with pytest.raises(CorruptCheckpointError, match="bias has shape"):
         ops.trit_linear(torch.randn(1, 40), packed, scales, torch.zeros(7), 32, 40)
+
+
+def test_choice_is_a_function_of_the_call(monkeypatch):
+    """The backend of a call depends on the call alone, never on which M ran before. A decode-only stand-in
+    (M <= 8, as the CUDA kernel once was) put first in the registry: M=8 and M=12 in either order pick the
+    same backends as fresh calls (once the memo was keyed by decode/prefill, so M=12 after M=8 went to it)."""
+    calls = []
+
+    def small_m(spec):
+        return (spec.m <= 8, "M <= 8 only")
+
+    def run(x, packed, scales, bias, g, k):
+        calls.append(x.shape[0])
+        return ops.trit_linear_reference(x, packed, scales, bias, g, k)
+
+    stand_in = base.Backend("small_m", 0, ("cpu",), (torch.float32,), lambda: (True, "test"), small_m, run)
+    monkeypatch.setattr(backends, "_BACKENDS", [stand_in, *backends._registry()])
+    packed, scales, bias = _layer(16, 160, 64)
+
+    def picks(ms):
+        backends.clear_cache()
+        return [backends.backend_for("cpu", torch.float32, m, 16, 160, 64).name for m in ms]
+
+    fresh = {m: picks([m])[0] for m in (8, 12, 16, 17)}
+    assert fresh[8] == "small_m" and fresh[12] != "small_m"
+    assert picks([8, 12, 16, 17]) == [fresh[m] for m in (8, 12, 16, 17)]
+    assert picks([17, 16, 12, 8]) == [fresh[m] for m in (17, 16, 12, 8)]
+    backends.clear_cache()
+    for m in (8, 12, 8):  # through the op: the stand-in runs exactly the M <= 8 calls
+        ops.trit_linear(torch.randn(m, 160), packed, scales, bias, 64, 160)
+    assert calls == [8, 8]
+
+
+def test_compiles_into_one_graph():
+    """torch.compile(fullgraph=True) of a module calling the op: one opaque node (the fake gives the shapes),
+    the same outputs as eager, also when the token count changes."""
+    from ptqtp import TritPlaneLinear
+    from ptqtp.packing import PackedTritPlanes
+
+    packed, scales, bias = _layer(24, 131, 64)
+    layer = TritPlaneLinear.from_packed(PackedTritPlanes(packed, scales, 131, 64), bias)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = layer
+
+        def forward(self, x):
+            return torch.nn.functional.silu(self.proj(x)) * 2.0
+
+    net = Net()
+    compiled = torch.compile(net, fullgraph=True)
+    for m in (1, 5):
+        x = torch.randn(2, m, 131)
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+def test_available_says_what_runs_here():
+    """`available()` (what `ptqtp info` prints) marks a backend usable only where it runs: Triton without a GPU
+    is installed but never run (outside its interpreter), and says so."""
+    import importlib.util
+    import os
+
+    table = backends.available()
+    assert set(table) == set(backends.backend_names()) and table["reference"][0]
+    ok, reason = table["triton"]
+    if importlib.util.find_spec("triton") is None:
+        assert not ok and "not installed" in reason
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        assert ok and "interpreter" in reason
+    elif not torch.cuda.is_available():
+        assert not ok and "installed" in reason and "no CUDA device" in reason
+    else:
+        assert ok
+    if not torch.cuda.is_available():
+        assert table["cuda"] == (False, "no CUDA device")

@@ -2,14 +2,17 @@
 
 Imports `format`, `packing`, `layouts` (through the backend modules) and nothing above them. Each backend
 module exposes one `Backend` record (`base.py`); `select_backend(spec)` walks them by priority and returns the
-first whose `check(spec)` passes, caching the choice per (device, dtype, K, N, group size, decode/prefill).
+first whose `check(spec)` passes, caching the choice per (device, dtype, K, N, group size, `m_class(M)`):
+backends see M only through `m_class` (M itself up to GEMV_MAX_M, one class above), so the choice is a
+function of the call alone, never of what ran before.
 
 Environment:
     PTQTP_BACKEND=reference|triton|cuda|cpu     force one backend; raises `NoBackendError` if it cannot run
     PTQTP_DISABLED_BACKENDS=name[,name...]      never pick these (the reference cannot be disabled)
 
-A preferred backend that is unavailable on the call's device (extension not built, no triton) is skipped with
-one log line giving its reason; `available()` reports every reason, as `ptqtp info` prints it.
+A backend made for the call's device (the first of its `devices`) that is unavailable (extension not built, no
+triton) is skipped with one log line giving its reason; `available()` says, per backend, whether it runs on
+this machine and why, as `ptqtp info` prints it (Triton without a GPU: installed, but never run).
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from dataclasses import replace
 
 from ..errors import BadOptionError, NoBackendError
-from .base import GEMV_MAX_M, Backend, KernelSpec, env_reader, kernel_kind
+from .base import GEMV_MAX_M, Backend, KernelSpec, env_reader, kernel_kind, m_class
 
-__all__ = ["Backend", "KernelSpec", "GEMV_MAX_M", "kernel_kind", "available", "backend_names", "get_backend",
-           "select_backend", "backend_for", "clear_cache", "ENV_FORCE", "ENV_DISABLED"]
+__all__ = ["Backend", "KernelSpec", "GEMV_MAX_M", "kernel_kind", "m_class", "available", "backend_names",
+           "get_backend", "select_backend", "backend_for", "clear_cache", "ENV_FORCE", "ENV_DISABLED"]
 
 ENV_FORCE = "PTQTP_BACKEND"
 ENV_DISABLED = "PTQTP_DISABLED_BACKENDS"
@@ -69,20 +73,21 @@ def _env() -> tuple[str, frozenset[str]]:
 def select_backend(spec: KernelSpec) -> Backend:
     """The backend that runs `spec`: the forced one, or the first by priority whose checks pass."""
     forced, disabled = _env()
-    key = (spec.device, spec.dtype, spec.n, spec.k, spec.group_size, spec.kind, forced, disabled)
+    shown = replace(spec, m=m_class(spec.m), forced=bool(forced))  # all of the call a backend may look at
+    key = (shown.device, shown.dtype, shown.m, shown.n, shown.k, shown.group_size, forced, disabled)
     hit = _CHOICE.get(key)
     if hit is not None:
         return hit
     if forced:
         backend = get_backend(forced)
-        ok, reason = backend.check(KernelSpec(**{**spec.__dict__, "forced": True}))
+        ok, reason = backend.check(shown)
         if not ok:
             raise NoBackendError(
                 f"{ENV_FORCE}={forced} cannot run this call ({_describe(spec)}): {reason}; "
                 f"unset {ENV_FORCE} to let ptqtp pick a backend."
             )
     else:
-        backend = _first_fit(spec, disabled)
+        backend = _first_fit(shown, disabled, spec)
     _CHOICE[key] = backend
     return backend
 
@@ -90,14 +95,14 @@ def select_backend(spec: KernelSpec) -> Backend:
 def backend_for(device: str, dtype, m: int, n: int, k: int, group_size: int) -> Backend:
     """`select_backend` for one call, memoised on the raw PTQTP_* values: the per-Linear fast path (no
     KernelSpec and no parsing of the variables while nothing changed)."""
-    key = (device, dtype, kernel_kind(m), n, k, group_size, _raw_env())
+    key = (device, dtype, m_class(m), n, k, group_size, _raw_env())
     hit = _PER_CALL.get(key)
     if hit is None:
         hit = _PER_CALL[key] = select_backend(KernelSpec(device, dtype, m, n, k, group_size))
     return hit
 
 
-def _first_fit(spec: KernelSpec, disabled: frozenset[str]) -> Backend:
+def _first_fit(spec: KernelSpec, disabled: frozenset[str], call: KernelSpec) -> Backend:
     reasons = []
     for b in _registry():
         if b.name in disabled:
@@ -107,11 +112,11 @@ def _first_fit(spec: KernelSpec, disabled: frozenset[str]) -> Backend:
         if ok:
             return b
         reasons.append(f"{b.name}: {reason}")
-        if spec.device in b.devices and not b.available()[0] and (b.name, reason) not in _LOGGED:
+        if spec.device == b.devices[0] and not b.available()[0] and (b.name, reason) not in _LOGGED:
             _LOGGED.add((b.name, reason))
             _log.warning("ptqtp: backend %s cannot run on %s (%s); falling back to the next backend",
                          b.name, spec.device, reason)
-    raise NoBackendError(f"no ptqtp backend can run {_describe(spec)}: " + "; ".join(reasons)
+    raise NoBackendError(f"no ptqtp backend can run {_describe(call)}: " + "; ".join(reasons)
                          + f"; unset {ENV_DISABLED} or move the model to a supported device.")
 
 

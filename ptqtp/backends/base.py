@@ -16,13 +16,6 @@ import torch
 GEMV_MAX_M = 16
 
 
-def finish_gemv(y: torch.Tensor, bias, dtype: torch.dtype) -> torch.Tensor:
-    """GEMV kernels accumulate in float32: add the bias there, then cast once to the activation dtype."""
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(dtype)
-
-
 def env_reader(*names: str) -> Callable[[], tuple]:
     """A function returning the current raw values of these environment variables (None when unset).
 
@@ -43,9 +36,19 @@ def kernel_kind(m: int) -> str:
     return "gemv" if m <= GEMV_MAX_M else "gemm"
 
 
+def m_class(m: int) -> int:
+    """All of the token count M that a backend choice may depend on: M itself up to GEMV_MAX_M, one class
+    above. Selection only ever shows backends this, so the backend of a call is a function of the call alone,
+    and a memo keyed by it is exact (whatever ran before)."""
+    return m if m <= GEMV_MAX_M else GEMV_MAX_M + 1
+
+
 @dataclass(frozen=True)
 class KernelSpec:
-    """What one call needs: device type, activation dtype, tokens M, out N, in K, group size."""
+    """What one call needs: device type, activation dtype, tokens M, out N, in K, group size.
+
+    `select_backend` shows backends M as `m_class(M)` (any prefill M reads GEMV_MAX_M + 1).
+    """
 
     device: str
     dtype: torch.dtype
@@ -75,7 +78,7 @@ class Backend:
 
     name: str
     priority: int  # lower is tried first
-    devices: tuple[str, ...]
+    devices: tuple[str, ...]  # where it can run; the first is the one it is made for (a fallback from it is logged)
     dtypes: tuple[torch.dtype, ...]
     available: Callable[[], tuple[bool, str]]
     supports: Callable[[KernelSpec], tuple[bool, str]]
