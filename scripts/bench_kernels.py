@@ -111,7 +111,8 @@ def main(argv=None) -> None:
     ap.add_argument("--isas", nargs="*", help="cpu backend: time these kernel ISAs (avx512 avx2 generic; default auto)")
     args = ap.parse_args(argv)
 
-    from ptqtp import backends, layouts, ops
+    from ptqtp import backends, ops
+    from ptqtp.backends import cpu_layouts as layouts
 
     dev = args.device
     if args.threads:

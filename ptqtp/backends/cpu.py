@@ -1,6 +1,6 @@
 """The CPU C++ backend (`ptqtp._C`, built from `csrc/cpu/` at install): what laptop users get.
 
-Imports `layouts`, `errors` and `base`. Decode (M <= GEMV_MAX_M) runs a multiplication-free GEMV on a layout
+Imports `cpu_layouts`, `errors` and `base`. Decode (M <= GEMV_MAX_M) runs a multiplication-free GEMV on a layout
 converted once per weight: "lut27" (`layouts.to_cpu_lut27`) on CPUs with AVX-512F, "lut3"
 (`layouts.to_cpu_lut3`) with AVX2 or the portable scalar twin otherwise. The kernel adds the bias and casts to
 the activation dtype itself. Prefill dequantizes in C++ (same float32 rounding as the reference) and calls
@@ -18,8 +18,8 @@ import os
 
 import torch
 
-from .. import layouts
 from ..errors import BadOptionError
+from . import cpu_layouts as layouts
 from .base import GEMV_MAX_M, Backend, KernelSpec, env_reader
 
 ENV_ISA = "PTQTP_CPU_ISA"

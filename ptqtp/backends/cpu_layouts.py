@@ -1,7 +1,7 @@
-"""Runtime weight layouts for the kernels, converted once from the storage format and cached.
+"""Runtime weight layouts of the CPU kernels (`csrc/cpu/`), converted once from the storage format and cached.
 
-Imports `format` and `packing` only. The checkpoint keeps one layout (base-3, `format.py`); a kernel that
-decodes faster from another one gets it here, built on first use and cached against the packed tensor's
+Imports `packing` only (never the backend registry or anything above it). The checkpoint keeps one layout
+(base-3, `format.py`); a kernel that decodes faster from another one gets it here, built on first use and cached against the packed tensor's
 identity and version (a weakref, so a freed or overwritten weight is never served a stale layout). Nothing
 here is saved: checkpoints stay byte-identical whatever backend ran.
 
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .packing import unpack
+from ..packing import unpack
 
 ROWS_PER_BLOCK = 8  # fp32 lanes of an AVX2 register
 CHUNK = 3  # columns per table lookup: 2^3 = 8 subset sums = one AVX2 register
