@@ -23,7 +23,11 @@ from . import cpu_layouts as layouts
 from .base import GEMV_MAX_M, Backend, KernelSpec, env_reader
 
 ENV_ISA = "PTQTP_CPU_ISA"
-ISAS = ("avx512", "avx2", "generic")  # best first
+ISAS = ("avx512bf16", "avx512", "avx2", "generic")  # best first
+# fewest tokens for which the bf16dot kernel (decode once per tile of tokens) beats lut27 on bf16 activations
+BF16DOT_MIN_M = 2
+# rows per piece of work the bf16dot kernel's threads claim
+BF16DOT_GRAIN_ROWS = 32
 # table bytes per pass over the rows in the lut27 kernel (all tokens): small enough to stay in L2
 LUT27_TILE_BYTES = 512 << 10
 # least work per thread in the lut27 kernel, in (16-row block, group, token) units of about 60 ns each
@@ -70,25 +74,46 @@ def isa() -> str:
     return hit
 
 
+def contention_stalls() -> int:
+    """Kernel calls so far whose threads stalled on a busy machine (each moves the next calls to one thread)."""
+    ext, _ = _load()
+    return ext.contention_stalls() if ext is not None else 0
+
+
 def _available() -> tuple[bool, str]:
     ext, reason = _load()
     if ext is None:
         return False, reason
-    return True, {"avx512": "AVX-512 lut27", "avx2": "AVX2 lut3"}.get(best_isa(), "generic C++ (no AVX2 on this CPU)")
+    return True, {"avx512bf16": "AVX-512 lut27, AVX512-BF16 bf16dot", "avx512": "AVX-512 lut27",
+                  "avx2": "AVX2 lut3"}.get(best_isa(), "generic C++ (no AVX2 on this CPU)")
 
 
 def _supports(spec: KernelSpec) -> tuple[bool, str]:
     return True, f"{spec.kind} path"
 
 
+def kernel_for(m: int, dtype: torch.dtype, isa_name: str) -> str:
+    """The one place that picks the CPU kernel for M tokens of `dtype` activations on an ISA level:
+    "dequantize" (+ F.linear, prefill), "bf16dot", "lut27" or "lut3"."""
+    if m > GEMV_MAX_M:
+        return "dequantize"  # compute-bound: a GEMV would redo the decode or the lookups per token
+    if isa_name == "avx512bf16" and dtype == torch.bfloat16 and m >= BF16DOT_MIN_M:
+        return "bf16dot"
+    return "lut27" if isa_name in ("avx512bf16", "avx512") else "lut3"
+
+
 def trit_linear_cpu(x, packed, scales, bias, group_size: int, in_features: int) -> torch.Tensor:
-    """y (..., N) for x (..., K) on CPU: lut27 / lut3 GEMV for decode, C++ dequantize + F.linear for prefill."""
+    """y (..., N) for x (..., K) on CPU: the decode kernel `kernel_for` picks, or C++ dequantize + F.linear."""
     ext, _ = _load()
     n = packed.shape[-2]
-    if x.numel() > GEMV_MAX_M * in_features:  # prefill: GEMV would redo the lookups per token
+    kernel = kernel_for(x.numel() // in_features, x.dtype, isa())
+    if kernel == "dequantize":
         w = ext.dequantize(packed, scales, in_features, group_size, x.dtype)  # (N, K)
         return torch.nn.functional.linear(x, w, bias)
-    if isa() == "avx512":
+    if kernel == "bf16dot":
+        lay = layouts.cached("cpu_bf16dot", layouts.to_cpu_bf16dot, packed, scales, in_features, group_size)
+        return ext.gemv_bf16dot(x, lay.codes, lay.scales, bias, n, in_features, group_size, BF16DOT_GRAIN_ROWS)
+    if kernel == "lut27":
         lay = layouts.cached("cpu_lut27", layouts.to_cpu_lut27, packed, scales, in_features, group_size)
         return ext.gemv_lut27(x, lay.codes, lay.scales, bias, n, in_features, group_size, lay.tail_in_spare,
                               LUT27_TILE_BYTES, LUT27_MIN_WORK)  # (..., N) x.dtype

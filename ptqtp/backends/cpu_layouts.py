@@ -161,6 +161,36 @@ def to_cpu_lut27(packed: torch.Tensor, scales: torch.Tensor, in_features: int, g
                           spare)
 
 
+BF16DOT_UNIT = 64  # columns per 32-byte unit: two 4-bit codes per byte
+
+
+@dataclass(frozen=True)
+class CpuBf16DotLayout:
+    codes: torch.Tensor  # uint8 (N, G, U, 32)
+    scales: torch.Tensor  # float32 (N, G, 2)
+    out_features: int
+    in_features: int
+    group_size: int
+
+
+def to_cpu_bf16dot(packed: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int,
+                   row_chunk: int = 1024) -> CpuBf16DotLayout:
+    """Convert storage planes (2, N, ceil(K/5)) + fp16 scales (2, N, G) into the CPU bf16dot layout."""
+    n = packed.shape[-2]
+    g_count = scales.shape[-1]
+    u = math.ceil(group_size / BF16DOT_UNIT)
+    parts = []
+    for t in _trit_groups(packed, in_features, group_size, g_count, row_chunk):  # (2, rows, G, g)
+        rows = t.shape[1]
+        code = ((t[0] + 1) + 3 * (t[1] + 1)).to(torch.uint8)  # (rows, G, g): 4 where both planes are 0
+        code = torch.nn.functional.pad(code, (0, u * BF16DOT_UNIT - group_size), value=4)  # (rows, G, U*64)
+        code = code.view(rows, g_count, u, 2, 32)
+        parts.append(code[..., 0, :] | (code[..., 1, :] << 4))  # (rows, G, U, 32)
+    codes = torch.cat(parts).contiguous()
+    s = scales.cpu().to(torch.float32).permute(1, 2, 0).contiguous()  # (N, G, 2)
+    return CpuBf16DotLayout(codes, s, n, in_features, group_size)
+
+
 def cached(kind: str, build, packed: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int):
     """`build(packed, scales, in_features, group_size)`, memoised per live (packed, scales) pair and version."""
     key = (kind, packed.data_ptr(), scales.data_ptr(), in_features, group_size)
