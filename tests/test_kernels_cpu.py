@@ -112,12 +112,14 @@ def test_stale_layout_is_rebuilt(isa, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_threads_and_passes_do_not_change_results(isa, monkeypatch):
-    """Rows are split over threads and groups walked in passes; neither may change a single bit of y."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+def test_threads_and_passes_do_not_change_results(isa, dtype, monkeypatch):
+    """Rows are split over threads (claimed in pieces) and groups walked in passes; neither may change a bit of y."""
     _isa_or_skip(isa)
     monkeypatch.setenv(cpu.ENV_ISA, isa)
     packed, scales, bias = _layer(200, 1100, 128, seed=3)
-    x = torch.randn(5, 1100)
+    x = torch.randn(5, 1100).to(dtype)
+    bias = bias.to(dtype)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -125,12 +127,13 @@ def test_threads_and_passes_do_not_change_results(isa, monkeypatch):
         torch.set_num_threads(2)
         two = ops.trit_linear(x, packed, scales, bias, 128, 1100)
         monkeypatch.setattr(cpu, "LUT27_TILE_BYTES", 1)  # one group per pass over the rows
+        monkeypatch.setattr(cpu, "BF16DOT_GRAIN_ROWS", 1)  # one row per piece of work
         tiled = ops.trit_linear(x, packed, scales, bias, 128, 1100)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two) and torch.equal(one, tiled)
     want = ops.trit_linear_reference(x.double(), packed, scales, bias.double(), 128, 1100)
-    assert _rel_err(one, want) <= MAX_REL_ERR_VS_REFERENCE[torch.float32]
+    assert _rel_err(one, want) <= MAX_REL_ERR_VS_REFERENCE[dtype]
 
 
 def test_non_contiguous_and_leading_dims(monkeypatch):
@@ -157,3 +160,20 @@ def test_isa_override_says_what_is_wrong(monkeypatch):
             ops.trit_linear(x, packed, scales, None, 32, 40)
     monkeypatch.setenv(cpu.ENV_ISA, "auto")
     assert cpu.isa() == best
+
+
+def test_generate_threads_sets_the_kernels_thread_count(tiny_model_dir, capsys):
+    """`ptqtp generate --threads N` is the CPU kernels' (and torch's) thread knob; a bad value is a one-line error."""
+    from ptqtp.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", str(tiny_model_dir("llama")), "Hello", "--max-new-tokens", "2", "--device", "cpu",
+                     "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    assert main(["generate", str(tiny_model_dir("llama")), "Hello", "--threads", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--threads must be at least 1" in err

@@ -102,6 +102,18 @@ def kernel_for(m: int, dtype: torch.dtype, isa_name: str) -> str:
     return "lut27" if isa_name in ("avx512bf16", "avx512") else "lut3"
 
 
+_LAYOUTS = {"bf16dot": ("cpu_bf16dot", layouts.to_cpu_bf16dot), "lut27": ("cpu_lut27", layouts.to_cpu_lut27),
+            "lut3": ("cpu_lut3", layouts.to_cpu_lut3)}
+
+
+def layout_for(kernel: str, packed, scales, in_features: int, group_size: int):
+    """The runtime layout `kernel` reads for this weight, built on first use and cached (None: dequantize)."""
+    if kernel == "dequantize":
+        return None
+    kind, build = _LAYOUTS[kernel]
+    return layouts.cached(kind, build, packed, scales, in_features, group_size)
+
+
 def trit_linear_cpu(x, packed, scales, bias, group_size: int, in_features: int) -> torch.Tensor:
     """y (..., N) for x (..., K) on CPU: the decode kernel `kernel_for` picks, or C++ dequantize + F.linear."""
     ext, _ = _load()
@@ -110,14 +122,12 @@ def trit_linear_cpu(x, packed, scales, bias, group_size: int, in_features: int) 
     if kernel == "dequantize":
         w = ext.dequantize(packed, scales, in_features, group_size, x.dtype)  # (N, K)
         return torch.nn.functional.linear(x, w, bias)
+    lay = layout_for(kernel, packed, scales, in_features, group_size)
     if kernel == "bf16dot":
-        lay = layouts.cached("cpu_bf16dot", layouts.to_cpu_bf16dot, packed, scales, in_features, group_size)
         return ext.gemv_bf16dot(x, lay.codes, lay.scales, bias, n, in_features, group_size, BF16DOT_GRAIN_ROWS)
     if kernel == "lut27":
-        lay = layouts.cached("cpu_lut27", layouts.to_cpu_lut27, packed, scales, in_features, group_size)
         return ext.gemv_lut27(x, lay.codes, lay.scales, bias, n, in_features, group_size, lay.tail_in_spare,
                               LUT27_TILE_BYTES, LUT27_MIN_WORK)  # (..., N) x.dtype
-    lay = layouts.cached("cpu_lut3", layouts.to_cpu_lut3, packed, scales, in_features, group_size)
     return ext.gemv_lut3(x, lay.codes, lay.scales, bias, n, in_features, group_size, isa() == "avx2")
 
 
