@@ -1,13 +1,16 @@
 """The CPU C++ backend (`ptqtp._C`, built from `csrc/cpu/` at install): what laptop users get.
 
-Imports `cpu_layouts`, `errors` and `base`. Decode (M <= GEMV_MAX_M) runs a multiplication-free GEMV on a layout
-converted once per weight: "lut27" (`layouts.to_cpu_lut27`) on CPUs with AVX-512F, "lut3"
-(`layouts.to_cpu_lut3`) with AVX2 or the portable scalar twin otherwise. The kernel adds the bias and casts to
-the activation dtype itself. Prefill dequantizes in C++ (same float32 rounding as the reference) and calls
-`F.linear`, which is compute-bound there anyway.
+Imports `cpu_layouts`, `errors` and `base`. Decode (M <= GEMV_MAX_M) runs a GEMV on a runtime layout converted
+once per weight (`layout_for`); `kernel_for` is the one place that picks it by tokens, activation dtype and ISA:
+"bf16dot" (AVX512-BF16, bf16 activations, M >= BF16DOT_MIN_M: weights decoded once per tile of tokens, then
+`vdpbf16ps`), "lut27" (AVX-512F/BW: table lookups without multiplications), "lut3" (AVX2, or its portable
+scalar twin). The kernels add the bias and cast to the activation dtype themselves, and split their rows over
+torch's threads in pieces claimed at run time (`csrc/cpu/parallel.h`: a call that finds the cores contended
+moves the next calls to one thread; `contention_stalls` counts those). Prefill dequantizes in C++ (same float32
+rounding as the reference) and calls `F.linear`, which is compute-bound there anyway.
 
-`PTQTP_CPU_ISA=auto|avx512|avx2|generic` forces one kernel (for tests, and for CPUs that misreport their
-features); forcing one this CPU lacks raises `BadOptionError`.
+`PTQTP_CPU_ISA=auto|avx512bf16|avx512|avx2|generic` forces one ISA level (for tests, and for CPUs that
+misreport their features); forcing one this CPU lacks raises `BadOptionError`.
 """
 
 from __future__ import annotations

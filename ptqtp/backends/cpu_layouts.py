@@ -32,6 +32,18 @@ CPU "lut27" layout (`CpuLut27Layout`), for the AVX-512 GEMV in `csrc/cpu/lut27_a
         codes   int32   (R, G, 2 planes, W, 16 lanes)      R = ceil(out / 16)
         scales  float16 (R, G, 2 planes, 16 lanes)
     At g = 128: W = 7, i.e. 2 * 7 * 32 / 128 + 2 * 16 / 128 = 3.75 bits per weight in memory.
+
+CPU "bf16dot" layout (`CpuBf16DotLayout`), for the AVX512-BF16 GEMV in `csrc/cpu/bf16dot_avx512.cpp`:
+    row-major. Each weight is one 4-bit joint code (t1+1) + 3(t2+1) in 0..8 (4: both planes zero), the index
+    of its value in the kernel's per-(row, group) table of a1*t1 + a2*t2. Each group is cut into U =
+    ceil(g / 64) units of 64 columns (padding columns get code 4); byte j of a unit holds the code of column j
+    in bits 0-3 and of column 32 + j in bits 4-7, so one zero-extension to 16-bit lanes gives the indices of
+    columns 0-31 for `vpermw` (which reads bits 0-4; the table repeats in entries 16-31, so bit 4 is free) and
+    a 4-bit shift those of columns 32-63. Scales are float32 (broadcast straight from memory).
+
+        codes   uint8   (N, G, U, 32)
+        scales  float32 (N, G, 2)
+    At g = 128: 4 + 2 * 32 / 128 = 4.5 bits per weight in memory.
 """
 
 from __future__ import annotations
