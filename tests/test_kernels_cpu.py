@@ -136,13 +136,14 @@ def test_threads_and_passes_do_not_change_results(isa, dtype, monkeypatch):
     assert _rel_err(one, want) <= MAX_REL_ERR_VS_REFERENCE[dtype]
 
 
-def test_non_contiguous_and_leading_dims(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+def test_non_contiguous_and_leading_dims(dtype, monkeypatch):
     packed, scales, bias = _layer(37, 576, 128)
-    x = torch.randn(3, 2, 1200)[..., ::2][..., :576]  # (3, 2, 576), stride 2 in the last dim
-    y = ops.trit_linear(x, packed, scales, bias, 128, 576)
+    x = torch.randn(3, 2, 1200).to(dtype)[..., ::2][..., :576]  # (3, 2, 576), stride 2 in the last dim
+    y = ops.trit_linear(x, packed, scales, bias.to(dtype), 128, 576)
     want = ops.trit_linear_reference(x.reshape(6, 576).double(), packed, scales, bias.double(), 128, 576)
-    assert y.shape == (3, 2, 37)
-    assert _rel_err(y.reshape(6, 37), want) <= MAX_REL_ERR_VS_REFERENCE[torch.float32]
+    assert y.shape == (3, 2, 37) and y.dtype == dtype
+    assert _rel_err(y.reshape(6, 37), want) <= MAX_REL_ERR_VS_REFERENCE[dtype]
 
 
 def test_isa_override_says_what_is_wrong(monkeypatch):
