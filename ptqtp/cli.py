@@ -105,6 +105,8 @@ def _add_generate(sub):
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the kernels and torch (default: torch's, one per core)")
     p.set_defaults(func=_run_generate)
 
 

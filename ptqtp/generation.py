@@ -70,6 +70,10 @@ def run_generate_cli(args) -> int:
     """`ptqtp generate MODEL PROMPT`: the continuation on stdout, timing on stderr."""
     if args.max_new_tokens < 1:
         raise BadOptionError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    if args.threads is not None:  # the CPU kernels use torch's thread count too
+        if args.threads < 1:
+            raise BadOptionError(f"--threads must be at least 1, got {args.threads}.")
+        torch.set_num_threads(args.threads)
     model, tokenizer = hf.load_model(args.model, args.device, args.dtype)
     result = greedy(model, tokenizer, args.prompt, args.max_new_tokens)
     print(result.text)

@@ -11,14 +11,23 @@ Without --quantized the dense model is quantized in memory with `ptqtp.quantize_
 models decode the same prompt greedily for the same number of new tokens (no early stop); tokens/s counts new
 tokens over wall time of `generate` after one warm-up call. The script also reports how many greedy tokens the
 two models share, a rough sanity check (not a quality metric).
+
+    python scripts/bench_generate.py --load --repeats 3       # also under a busy loop on every core
+
+With --load the same comparison runs again while the script keeps every core busy with its own CPU-bound
+processes (one `while True: pass` per core, started before and stopped after the timed calls): how decode
+behaves on a laptop running other programs. Each condition prints the median of --repeats interleaved runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import os
 import pathlib
+import statistics
+import subprocess
 import sys
 import time
 
@@ -43,6 +52,22 @@ def _decode(model, ids, new_tokens: int, dev: str) -> tuple[float, torch.Tensor]
         out = model.generate(ids, **kw)
         _sync(dev)
     return new_tokens / (time.perf_counter() - t0), out[0, ids.shape[1]:]
+
+
+@contextlib.contextmanager
+def _busy_cores(enabled: bool):
+    """One CPU-bound process per core while the block runs (nothing when not enabled)."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)] \
+        if enabled else []
+    try:
+        if procs:
+            time.sleep(0.5)  # let them reach the busy loop
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
 
 
 def _random_planes(model, group_size: int) -> None:
@@ -78,6 +103,8 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--threads", type=int, help="torch threads on CPU")
+    ap.add_argument("--load", action="store_true", help="also time both under a busy loop on every core")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved runs per condition; the median is printed")
     args = ap.parse_args(argv)
 
     import transformers as tf
@@ -102,11 +129,10 @@ def main(argv=None) -> None:
         dense = tf.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(dev).eval()
         ids = tf.AutoTokenizer.from_pretrained(path)(PROMPT, return_tensors="pt").input_ids.to(dev)
         label = path
-    dense_tps, dense_out = _decode(dense, ids, args.new_tokens, dev)
+    dense_tps, dense_out = _decode(dense, ids, args.new_tokens, dev)  # also the warm-up of the dense side
 
     t0 = time.perf_counter()
     if args.quantized:
-        del dense
         quant = ptqtp.from_pretrained(args.quantized, dtype=dtype).to(dev).eval()
         how = f"loaded {args.quantized}"
     else:
@@ -121,17 +147,34 @@ def main(argv=None) -> None:
     quant_tps, quant_out = _decode(quant, ids, args.new_tokens, dev)
     spec = backends.KernelSpec(dev, dtype, 1, 1, 1, args.group_size)
     same = int((quant_out[: len(dense_out)] == dense_out[: len(quant_out)]).cumprod(0).sum())
-    print(f"# {label}, {str(dtype).removeprefix('torch.')} on {dev} ({torch.get_num_threads()} threads), "
-          f"{args.new_tokens} new tokens, prompt {ids.shape[1]} tokens; quantized: {how} ({prep:.1f} s)")
-    print("| model | backend (M=1) | tokens/s | x dense |")
-    print("|---|---|---|---|")
-    print(f"| dense | F.linear | {dense_tps:.2f} | 1.00 |")
     name = backends.select_backend(spec).name
+    stalls = lambda: 0  # noqa: E731
     if name == "cpu":  # which CPU kernel ran (PTQTP_CPU_ISA or the best this CPU has)
         from ptqtp.backends import cpu
 
-        name = f"cpu ({cpu.isa()})"
-    print(f"| ptqtp | {name} | {quant_tps:.2f} | {quant_tps / dense_tps:.2f} |")
+        name = f"cpu ({cpu.kernel_for(1, dtype, cpu.isa())})"
+        stalls = cpu.contention_stalls
+    print(f"# {label}, {str(dtype).removeprefix('torch.')} on {dev} ({torch.get_num_threads()} threads), "
+          f"{args.new_tokens} new tokens, prompt {ids.shape[1]} tokens; quantized: {how} ({prep:.1f} s); "
+          f"median of {args.repeats} interleaved runs per condition")
+    print("| condition | dense tokens/s | ptqtp tokens/s | backend (M=1) | x dense |")
+    print("|---|---|---|---|---|")
+    if dense is quant:  # quantized in place (GPU / random Llama-8B): no dense model left to time again
+        print(f"| idle | {dense_tps:.2f} | {quant_tps:.2f} | {name} | {quant_tps / dense_tps:.2f} |")
+    else:
+        for loaded in ([False, True] if args.load else [False]):
+            with _busy_cores(loaded):
+                before = stalls()
+                d, q = [], []
+                for _ in range(args.repeats):
+                    d.append(_decode(dense, ids, args.new_tokens, dev)[0])
+                    q.append(_decode(quant, ids, args.new_tokens, dev)[0])
+                d_med, q_med = statistics.median(d), statistics.median(q)
+                cond = f"busy loop on {os.cpu_count()} cores" if loaded else "idle"
+                print(f"| {cond} | {d_med:.2f} | {q_med:.2f} | {name} | {q_med / d_med:.2f} |", flush=True)
+                if loaded:
+                    print(f"(kernel calls that found the cores contended and switched to one thread: "
+                          f"{stalls() - before})")
     print(f"greedy tokens identical to dense for the first {same} of {args.new_tokens}")
 
 

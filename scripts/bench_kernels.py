@@ -2,8 +2,10 @@
 """Benchmark `ptqtp::trit_linear` backends against dense `F.linear`, measured in the same run.
 
 For every shape (out x in) and token count M: time per call of each runnable backend, its speed-up over dense
-F.linear (fp32 and bf16 on CPU, fp16 and bf16 on GPU), and the effective weight bandwidth (stored bytes / time)
-against the device's copy bandwidth measured here too. Each side cycles through enough distinct layers that
+F.linear (fp32 and bf16 on CPU, fp16 and bf16 on GPU), and the weight bandwidth it reached: the bytes of weight
+it reads per call (on CPU the runtime layout its kernel reads, e.g. 3.75 bits/weight for lut27; elsewhere the
+stored planes and scales) over the time, and that as a share of the device's copy bandwidth (bytes read plus
+bytes written per second by a large copy) measured at the start of the same run. Each side cycles through enough distinct layers that
 the weights cannot stay in the last-level cache (CPU) or L2 (GPU) between calls.
 
     python scripts/bench_kernels.py --quick                 # 4096x4096 and 576x1536, M = 1, 8
@@ -78,6 +80,16 @@ def _cpu_isa() -> str:
     return cpu.isa()
 
 
+def _bytes_read(name: str, m: int, dtype, layer, n_in: int) -> int | None:
+    """Weight bytes the cpu backend's kernel reads per call (its runtime layout); None for other backends."""
+    if name != "cpu":
+        return None
+    from ptqtp.backends import cpu
+
+    lay = cpu.layout_for(cpu.kernel_for(m, dtype, cpu.isa()), *layer, n_in, GROUP)
+    return None if lay is None else lay.codes.nbytes + lay.scales.nbytes
+
+
 def _copy_bandwidth(dev: str) -> float:
     """GB/s of a large device copy (read + write), the practical peak weights can stream at."""
     n = (256 << 20) // 4
@@ -122,7 +134,8 @@ def main(argv=None) -> None:
     if args.device.startswith("cuda"):
         return _main_cuda(args)
 
-    from ptqtp import backends, layouts, ops
+    from ptqtp import backends, ops
+    from ptqtp.backends import layout_cache as layouts
 
     dev = args.device
     if args.threads:
@@ -143,8 +156,9 @@ def main(argv=None) -> None:
     print(f"# trit_linear vs dense F.linear on {where}; copy bandwidth {peak:.1f} GB/s; group {GROUP}; "
           f"torch {torch.__version__}")
     d0, d1 = (str(d).removeprefix("torch.") for d in dense_dtypes)
-    print(f"| shape (out x in) | M | backend | act | ms | dense {d0} ms | dense {d1} ms | x {d0} | x {d1} | GB/s | % copy BW |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| shape (out x in) | M | backend | act | ms | dense {d0} ms | dense {d1} ms | x {d0} | x {d1} | "
+          "weight MB read | GB/s | % copy BW |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n_out, n_in in shapes:
         q_bytes = 2 * n_out * math.ceil(n_in / 5) + 4 * n_out * math.ceil(n_in / GROUP)
         n_layers = max(2, math.ceil(2 * CACHE_BYTES[dev] / q_bytes))
@@ -174,11 +188,12 @@ def main(argv=None) -> None:
                         print(f"| {n_out}x{n_in} | {m} | {label} | {str(dt).removeprefix('torch.')} | "
                               f"cannot run: {str(err).splitlines()[0][:80]} |")
                         continue
-                    gbs = q_bytes / sec / 1e9
+                    read = _bytes_read(name, m, dt, quant[0], n_in) or q_bytes
+                    gbs = read / sec / 1e9
                     print(f"| {n_out}x{n_in} | {m} | {label} | {str(dt).removeprefix('torch.')} | {sec * 1e3:.3f} | "
                           f"{base[dense_dtypes[0]] * 1e3:.3f} | {base[dense_dtypes[1]] * 1e3:.3f} | "
-                          f"{base[dense_dtypes[0]] / sec:.2f} | {base[dense_dtypes[1]] / sec:.2f} | {gbs:.1f} | "
-                          f"{100 * gbs / peak:.0f} |", flush=True)
+                          f"{base[dense_dtypes[0]] / sec:.2f} | {base[dense_dtypes[1]] / sec:.2f} | "
+                          f"{read / 1e6:.2f} | {gbs:.1f} | {100 * gbs / peak:.0f} |", flush=True)
                 os.environ.pop(backends.ENV_FORCE, None)
                 os.environ.pop(ISA_ENV, None)
         layouts.clear_cache()  # runtime layouts of this shape's layers: free them before the next shape
@@ -229,8 +244,9 @@ def _cuda_quant_layers(n_out: int, n_in: int, count: int):
 
 
 def _main_cuda(args) -> None:
-    from ptqtp import backends, layouts, ops, triton_kernels
+    from ptqtp import backends, ops, triton_kernels
     from ptqtp.backends import gpu_layouts
+    from ptqtp.backends import layout_cache as layouts
 
     shapes = args.shapes or CUDA_SHAPES
     ms = args.m or CUDA_MS

@@ -26,7 +26,7 @@ DOCUMENTED_FLAGS = {
                  "--max-shard-size", "--max-iters", "--tol", "--calib", "--calib-samples", "--calib-seq-len",
                  "--calib-feedback", "--calib-damp"],
     "eval": ["--ppl", "--seq-len", "--max-windows", "--tasks", "--limit", "--batch-size", "--device", "--output"],
-    "generate": ["--max-new-tokens", "--device", "--dtype"],
+    "generate": ["--max-new-tokens", "--device", "--dtype", "--threads"],
     "info": [],
 }
 

@@ -1,7 +1,7 @@
 """The CPU GEMV kernels (`ptqtp._C`), one ISA at a time, against the reference backend.
 
-Every ISA this CPU runs is forced in turn with PTQTP_CPU_ISA (avx512: lut27; avx2 and generic: lut3); an ISA the
-CPU lacks is skipped with the reason. Shapes are chosen to hit every edge of the layouts: out not a multiple of
+Every ISA this CPU runs is forced in turn with PTQTP_CPU_ISA (avx512bf16: bf16dot for bf16 activations at M >= 2,
+lut27 otherwise; avx512: lut27; avx2 and generic: lut3); an ISA the CPU lacks is skipped with the reason. Shapes are chosen to hit every edge of the layouts: out not a multiple of
 16 or 64, in not a multiple of 3, 5 or 128, a partial last group, group sizes whose chunk count puts the last
 code in the spare bits (128) or in a word of its own (20, 32, 64, 256).
 """
@@ -20,7 +20,7 @@ from test_ops import _layer
 # rounding of the output (and of W in the reference) to that dtype
 MAX_REL_ERR_VS_REFERENCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
-ISAS = ("avx512", "avx2", "generic")
+ISAS = cpu.ISAS
 # (out N, in K, group size)
 SHAPES = [
     (37, 576, 128),   # K = 4.5 groups; 43 chunks per group: last code in the spare bits
@@ -77,18 +77,20 @@ def test_isa_matches_reference(isa, shape, m, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("m", [2, 4, 5, 6, 7, 12, 15])
-def test_every_token_count(isa, m, monkeypatch):
-    """Decode kernels tile tokens (lut27: up to 4 per pass, then the remainder): every M up to 16 is exact."""
+@pytest.mark.parametrize("m", [2, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+def test_every_token_count(isa, m, dtype, monkeypatch):
+    """Decode kernels tile tokens (lut27: up to 4 per pass; bf16dot: up to 8, then the remainder): every M up to
+    16 is right, and a token's result does not depend on the tokens beside it."""
     _isa_or_skip(isa)
     monkeypatch.setenv(cpu.ENV_ISA, isa)
     packed, scales, bias = _layer(70, 1001, 128)
-    x = torch.randn(m, 1001, generator=torch.Generator().manual_seed(m))
+    x16 = torch.randn(16, 1001, generator=torch.Generator().manual_seed(m)).to(dtype)
+    x = x16[:m]
     want = ops.trit_linear_reference(x.double(), packed, scales, bias.double(), 128, 1001)
-    y = ops.trit_linear(x, packed, scales, bias, 128, 1001)
-    assert _rel_err(y, want) <= MAX_REL_ERR_VS_REFERENCE[torch.float32]
-    one = torch.cat([ops.trit_linear(x[t:t + 1], packed, scales, bias, 128, 1001) for t in range(m)])
-    assert torch.equal(y, one)  # a token's result does not depend on the tokens beside it
+    y = ops.trit_linear(x, packed, scales, bias.to(dtype), 128, 1001)
+    assert _rel_err(y, want) <= MAX_REL_ERR_VS_REFERENCE[dtype]
+    assert torch.equal(y, ops.trit_linear(x16, packed, scales, bias.to(dtype), 128, 1001)[:m])
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -110,12 +112,14 @@ def test_stale_layout_is_rebuilt(isa, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_threads_and_passes_do_not_change_results(isa, monkeypatch):
-    """Rows are split over threads and groups walked in passes; neither may change a single bit of y."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+def test_threads_and_passes_do_not_change_results(isa, dtype, monkeypatch):
+    """Rows are split over threads (claimed in pieces) and groups walked in passes; neither may change a bit of y."""
     _isa_or_skip(isa)
     monkeypatch.setenv(cpu.ENV_ISA, isa)
     packed, scales, bias = _layer(200, 1100, 128, seed=3)
-    x = torch.randn(5, 1100)
+    x = torch.randn(5, 1100).to(dtype)
+    bias = bias.to(dtype)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -123,21 +127,23 @@ def test_threads_and_passes_do_not_change_results(isa, monkeypatch):
         torch.set_num_threads(2)
         two = ops.trit_linear(x, packed, scales, bias, 128, 1100)
         monkeypatch.setattr(cpu, "LUT27_TILE_BYTES", 1)  # one group per pass over the rows
+        monkeypatch.setattr(cpu, "BF16DOT_GRAIN_ROWS", 1)  # one row per piece of work
         tiled = ops.trit_linear(x, packed, scales, bias, 128, 1100)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(one, two) and torch.equal(one, tiled)
     want = ops.trit_linear_reference(x.double(), packed, scales, bias.double(), 128, 1100)
-    assert _rel_err(one, want) <= MAX_REL_ERR_VS_REFERENCE[torch.float32]
+    assert _rel_err(one, want) <= MAX_REL_ERR_VS_REFERENCE[dtype]
 
 
-def test_non_contiguous_and_leading_dims(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).removeprefix("torch."))
+def test_non_contiguous_and_leading_dims(dtype, monkeypatch):
     packed, scales, bias = _layer(37, 576, 128)
-    x = torch.randn(3, 2, 1200)[..., ::2][..., :576]  # (3, 2, 576), stride 2 in the last dim
-    y = ops.trit_linear(x, packed, scales, bias, 128, 576)
+    x = torch.randn(3, 2, 1200).to(dtype)[..., ::2][..., :576]  # (3, 2, 576), stride 2 in the last dim
+    y = ops.trit_linear(x, packed, scales, bias.to(dtype), 128, 576)
     want = ops.trit_linear_reference(x.reshape(6, 576).double(), packed, scales, bias.double(), 128, 576)
-    assert y.shape == (3, 2, 37)
-    assert _rel_err(y.reshape(6, 37), want) <= MAX_REL_ERR_VS_REFERENCE[torch.float32]
+    assert y.shape == (3, 2, 37) and y.dtype == dtype
+    assert _rel_err(y.reshape(6, 37), want) <= MAX_REL_ERR_VS_REFERENCE[dtype]
 
 
 def test_isa_override_says_what_is_wrong(monkeypatch):
@@ -149,9 +155,26 @@ def test_isa_override_says_what_is_wrong(monkeypatch):
     with pytest.raises(BadOptionError, match="PTQTP_CPU_ISA='sse9' is not a CPU kernel ISA; use auto"):
         ops.trit_linear(x, packed, scales, None, 32, 40)
     best = cpu.best_isa()
-    if best != "avx512":
-        monkeypatch.setenv(cpu.ENV_ISA, "avx512")
+    for above in ISAS[:ISAS.index(best)]:  # ISAs better than this CPU (or build) runs
+        monkeypatch.setenv(cpu.ENV_ISA, above)
         with pytest.raises(BadOptionError, match=f"runs at most {best}"):
             ops.trit_linear(x, packed, scales, None, 32, 40)
     monkeypatch.setenv(cpu.ENV_ISA, "auto")
     assert cpu.isa() == best
+
+
+def test_generate_threads_sets_the_kernels_thread_count(tiny_model_dir, capsys):
+    """`ptqtp generate --threads N` is the CPU kernels' (and torch's) thread knob; a bad value is a one-line error."""
+    from ptqtp.cli import main
+
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", str(tiny_model_dir("llama")), "Hello", "--max-new-tokens", "2", "--device", "cpu",
+                     "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    assert main(["generate", str(tiny_model_dir("llama")), "Hello", "--threads", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--threads must be at least 1" in err

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "parallel.h"
 #include "trit_cpu.h"
 
 namespace {
@@ -20,6 +21,7 @@ float* scratch(std::vector<float>& buf, int64_t count) {
   return buf.data();
 }
 thread_local std::vector<float> tl_x, tl_y, tl_tables, tl_partial;
+thread_local std::vector<uint16_t> tl_xb;
 
 // x (..., K) as M float32 rows: the tensor itself when it already is (row stride returned), else a converted copy
 const float* x_as_float(const torch::Tensor& x, int64_t m, int64_t k, int64_t& stride) {
@@ -120,9 +122,9 @@ torch::Tensor gemv_lut3_op(const torch::Tensor& x, const torch::Tensor& codes, c
   const int32_t* cp = codes.data_ptr<int32_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = out.f32;
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
-  for (int64_t rb = 0; rb < rblocks; ++rb)
-    gemv_lut3_block(tp, m, cp, sp, groups, words, chunks, rb, n, bp, yp, n, avx2);
+  parallel_items(rblocks, 8, at::get_num_threads(), [&](int64_t rb0, int64_t rb1) {
+    for (int64_t rb = rb0; rb < rb1; ++rb) gemv_lut3_block(tp, m, cp, sp, groups, words, chunks, rb, n, bp, yp, n, avx2);
+  });
   return out.finish();
 }
 
@@ -179,6 +181,54 @@ torch::Tensor gemv_lut27_op(const torch::Tensor& x, const torch::Tensor& codes, 
   return out.finish();
 }
 
+torch::Tensor gemv_bf16dot_op(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                              const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t group_size,
+                              int64_t grain_rows) {
+  check_x(x, k, "ptqtp gemv_bf16dot");
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "ptqtp gemv_bf16dot: x must be bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(cpu_best_isa() >= kAvx512Bf16, "ptqtp gemv_bf16dot: this CPU (or this build) has no AVX512-BF16");
+  const int64_t m = x.numel() / k, groups = (k + group_size - 1) / group_size;
+  const int64_t units = (group_size + kBf16DotUnit - 1) / kBf16DotUnit;
+  TORCH_CHECK(codes.dim() == 4 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() &&
+                  codes.size(0) == n && codes.size(1) == groups && codes.size(2) == units && codes.size(3) == 32,
+              "ptqtp gemv_bf16dot: codes must be contiguous uint8 (", n, ", ", groups, ", ", units, ", 32), got ",
+              codes.sizes());
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.dim() == 3 &&
+                  scales.size(0) == n && scales.size(1) == groups && scales.size(2) == 2,
+              "ptqtp gemv_bf16dot: scales must be contiguous float32 (", n, ", ", groups, ", 2), got ", scales.sizes());
+  TORCH_CHECK(m >= 1 && m <= kLut27MaxTokens, "ptqtp gemv_bf16dot: M=", m, " tokens, the decode kernel takes 1..",
+              kLut27MaxTokens);
+  torch::Tensor bias_keep;
+  Bf16DotProblem p{};
+  p.bias = bias_f32(bias, n, bias_keep);
+  // x as (G * U, m, 64) bf16: the 64 columns of a unit for every token side by side, groups zero-padded
+  const auto xc = x.contiguous();
+  const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
+  tl_xb.assign(groups * units * m * kBf16DotUnit, 0);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t c0 = g * group_size + u * kBf16DotUnit;
+      const int64_t cols = std::min<int64_t>({kBf16DotUnit, group_size - u * kBf16DotUnit, k - c0});
+      if (cols <= 0) continue;
+      for (int64_t t = 0; t < m; ++t)
+        std::memcpy(tl_xb.data() + ((g * units + u) * m + t) * kBf16DotUnit, src + t * k + c0, cols * 2);
+    }
+  p.x = tl_xb.data();
+  p.codes = codes.data_ptr<uint8_t>();
+  p.scales = scales.data_ptr<float>();
+  p.m = m;
+  p.n = n;
+  p.groups = groups;
+  p.units = units;
+  p.grain_rows = grain_rows;
+  p.threads = at::get_num_threads();
+  Output out(out_shape(x, n), m, n, x.scalar_type());
+  p.y = out.f32;
+  p.y_stride = n;
+  gemv_bf16dot(p);
+  return out.finish();
+}
+
 torch::Tensor dequantize(const torch::Tensor& packed, const torch::Tensor& scales, int64_t k, int64_t group_size,
                          torch::ScalarType dtype) {
   const int64_t nb = (k + 4) / 5, groups = (k + group_size - 1) / group_size;
@@ -212,15 +262,20 @@ torch::Tensor dequantize(const torch::Tensor& packed, const torch::Tensor& scale
   return out;
 }
 
-const char* isa_name(int isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "generic"; }
+const char* isa_name(int isa) {
+  return isa == kAvx512Bf16 ? "avx512bf16" : isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "generic";
+}
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ptqtp CPU kernels (lut27 AVX-512 GEMV, lut3 AVX2 / generic GEMV, dequantize)";
   m.def("gemv_lut27", &gemv_lut27_op, "y (..., N) in x.dtype from x (..., K) and the lut27 layout (AVX-512F)");
+  m.def("gemv_bf16dot", &gemv_bf16dot_op, "y (..., N) in bf16 from bf16 x (..., K) and the bf16dot layout");
+  m.def("contention_stalls", [] { return contention().stalls.load(); },
+        "calls whose threads stalled on a busy machine so far (each switches the next calls to one thread)");
   m.def("gemv_lut3", &gemv_lut3_op, "y (..., N) in x.dtype from x (..., K) and the lut3 layout (AVX2 or generic)");
   m.def("dequantize", &dequantize, "dense (N, K) weight from the storage format");
   m.def("best_isa", [] { return std::string(isa_name(cpu_best_isa())); },
-        "best kernel ISA of this CPU and build: avx512, avx2 or generic");
+        "best kernel ISA of this CPU and build: avx512bf16, avx512, avx2 or generic");
 }

@@ -7,10 +7,10 @@
 // rows x 3 columns of one plane; a 5-bit shift brings the next chunk's code down. Both planes share the table.
 // Per (row, group, plane) the partial sum is multiplied once by its fp32 scale.
 //
-// Work split: one OpenMP region per call. Tables are built first (tokens x groups split over threads), then
-// each thread owns a contiguous range of 16-row blocks and walks it in passes of `tile_groups` groups, so that
-// the m tables of one pass stay in L2 while every code word is read from memory exactly once per call. Within a
-// pass, 4 (or fewer, at the end of a range) row blocks share each table load: 8 lookups per two table loads.
+// Work split: the calling thread builds the tables, then threads claim ranges of kLut27GrainBlocks 16-row
+// blocks (parallel.h) and walk each in passes of `tile_groups` groups, so that the m tables of one pass stay in
+// L2 while every code word is read from memory exactly once per call. Within a pass, 4 (or fewer, at the end
+// of a range) row blocks share each table load: 8 lookups per two table loads.
 #include "trit_cpu.h"
 
 #include <algorithm>
@@ -23,9 +23,7 @@
 #define PTQTP_LUT27 0
 #endif
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "parallel.h"
 
 namespace ptqtp_cpu {
 
@@ -256,21 +254,11 @@ PTQTP_AVX512 void block_range(const Lut27Problem& p, int64_t rb0, int64_t rb1, i
 
 void gemv_lut27(const Lut27Problem& p) {
   const int64_t r16 = (p.n + kLut27Rows - 1) / kLut27Rows;
-  const int64_t items = p.m * p.groups;
   const int64_t tile = std::max<int64_t>(1, std::min(p.tile_groups, p.groups));
-#pragma omp parallel num_threads(p.threads)
-  {
-#ifdef _OPENMP
-    const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
-#else
-    const int64_t tid = 0, nth = 1;
-#endif
-    for (int64_t i = items * tid / nth; i < items * (tid + 1) / nth; ++i)
-      build_group_tables(p, i / p.groups, i % p.groups);
-#pragma omp barrier
-    const int64_t rb0 = r16 * tid / nth, rb1 = r16 * (tid + 1) / nth;
+  for (int64_t i = 0; i < p.m * p.groups; ++i) build_group_tables(p, i / p.groups, i % p.groups);
+  parallel_items(r16, kLut27GrainBlocks, p.threads, [&](int64_t rb0, int64_t rb1) {
     for (int64_t g0 = 0; g0 < p.groups; g0 += tile) block_range(p, rb0, rb1, g0, std::min(g0 + tile, p.groups));
-  }
+  });
 }
 
 #else  // not x86: never selected (cpu_best_isa() returns generic)

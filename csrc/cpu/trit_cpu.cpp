@@ -11,7 +11,8 @@ namespace ptqtp_cpu {
 int cpu_best_isa() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();  // libgcc also checks that the OS saves the ymm / zmm state (XCR0)
-  if (lut27_compiled() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return kAvx512;
+  if (lut27_compiled() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+    return bf16dot_compiled() && __builtin_cpu_supports("avx512bf16") ? kAvx512Bf16 : kAvx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
 #endif
   return kGeneric;

@@ -1,6 +1,9 @@
-// Torch-free CPU kernels for trit-plane linears (the layouts they read are built in ptqtp/layouts.py).
+// Torch-free CPU kernels for trit-plane linears (the layouts they read are built in
+// ptqtp/backends/cpu_layouts.py).
 //
-// Two GEMV families, picked at run time by ISA (cpu_best_isa):
+// Three GEMV families, picked at run time by ISA (cpu_best_isa) and activation dtype:
+//   bf16dot (AVX-512 BF16, bf16 activations): per (row, group) a table of the nine bf16 weight values; one
+//     vpermw decodes 32 weights of a row, which feed one vdpbf16ps per token.
 //   lut27 (AVX-512F): per token and chunk of 3 columns a table of the 27 signed sums d0*x0 + d1*x1 + d2*x2,
 //     looked up for 16 rows x 1 plane by one vpermt2ps on a 5-bit code per (row, chunk, plane).
 //   lut3 (AVX2 + scalar twin): per chunk the 8 subset sums of 3 columns, looked up by vpermps with the +1 (P)
@@ -14,9 +17,10 @@
 
 namespace ptqtp_cpu {
 
-enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
-// Best kernel ISA this CPU and OS run: AVX-512F+BW (lut27), AVX2+FMA (lut3), or generic (lut3 scalar).
+// Best kernel ISA this CPU and OS run: AVX-512F+BW+BF16 (bf16dot for bf16 activations, lut27 otherwise),
+// AVX-512F+BW (lut27), AVX2+FMA (lut3), or generic (lut3 scalar).
 int cpu_best_isa();
 
 // ---- lut3 (AVX2 and generic) -------------------------------------------------------------------------------
@@ -39,6 +43,7 @@ constexpr int kLut27Rows = 16;          // fp32 lanes of a zmm register: one lan
 constexpr int kLut27CodesPerWord = 6;   // 5-bit codes per int32 word: bits 0, 5, 10, 16, 21, 26; 15 and 31 spare
 constexpr int kLut27TableFloats = 32;   // 27 sums + 5 zeros: two zmm registers, the vpermt2ps table
 constexpr int kLut27MaxTokens = 16;     // decode path only (GEMV_MAX_M)
+constexpr int kLut27GrainBlocks = 4;    // 16-row blocks per claimed piece of work (64 rows)
 
 struct Lut27Problem {
   const float* x;         // (m, k) float32, row stride x_stride
@@ -58,6 +63,25 @@ struct Lut27Problem {
 
 bool lut27_compiled();  // false when this compiler could not build the AVX-512 code
 void gemv_lut27(const Lut27Problem& p);
+
+// ---- bf16dot (AVX-512F/BW + AVX512-BF16), bfloat16 activations --------------------------------------------
+constexpr int kBf16DotUnit = 64;          // columns per 32-byte unit of codes (two 4-bit codes per byte)
+constexpr int kBf16DotMaxPieceRows = 32;  // rows walked together per pass over a block of columns
+
+struct Bf16DotProblem {
+  const uint16_t* x;      // (G * U, m, 64) bf16 bits: unit-major, each group zero-padded to U units of 64 columns
+  const uint8_t* codes;   // (N, G, U, 32): byte j of a unit = code of column j | code of column 32 + j << 4
+  const float* scales;    // (N, G, 2) float32: a1, a2
+  const float* bias;      // (n,) or null
+  float* y;               // (m, n) float32, row stride y_stride
+  int64_t y_stride;
+  int64_t m, n, groups, units;
+  int64_t grain_rows;     // rows per claimed piece of work
+  int threads;
+};
+
+bool bf16dot_compiled();
+void gemv_bf16dot(const Bf16DotProblem& p);
 
 // One dense row from the storage format: packed planes p0/p1 (ceil(k/5) bytes each), float scales s0/s1 (G).
 void dequantize_row(const uint8_t* p0, const uint8_t* p1, const float* s0, const float* s1, int64_t k,

@@ -1,6 +1,6 @@
 """Kernel backends for `ptqtp::trit_linear` and the dispatcher that picks one per call.
 
-Imports `format`, `packing`, `layouts` (through the backend modules) and nothing above them. Each backend
+Imports `errors` and `packing` (through the backend modules) and nothing above them. Each backend
 module exposes one `Backend` record (`base.py`); `select_backend(spec)` walks them by priority and returns the
 first whose `check(spec)` passes, caching the choice per (device, dtype, K, N, group size, `m_class(M)`):
 backends see M only through `m_class` (M itself up to GEMV_MAX_M, one class above), so the choice is a

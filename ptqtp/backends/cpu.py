@@ -1,13 +1,16 @@
 """The CPU C++ backend (`ptqtp._C`, built from `csrc/cpu/` at install): what laptop users get.
 
-Imports `layouts`, `errors` and `base`. Decode (M <= GEMV_MAX_M) runs a multiplication-free GEMV on a layout
-converted once per weight: "lut27" (`layouts.to_cpu_lut27`) on CPUs with AVX-512F, "lut3"
-(`layouts.to_cpu_lut3`) with AVX2 or the portable scalar twin otherwise. The kernel adds the bias and casts to
-the activation dtype itself. Prefill dequantizes in C++ (same float32 rounding as the reference) and calls
-`F.linear`, which is compute-bound there anyway.
+Imports `cpu_layouts`, `errors` and `base`. Decode (M <= GEMV_MAX_M) runs a GEMV on a runtime layout converted
+once per weight (`layout_for`); `kernel_for` is the one place that picks it by tokens, activation dtype and ISA:
+"bf16dot" (AVX512-BF16, bf16 activations, M >= BF16DOT_MIN_M: weights decoded once per tile of tokens, then
+`vdpbf16ps`), "lut27" (AVX-512F/BW: table lookups without multiplications), "lut3" (AVX2, or its portable
+scalar twin). The kernels add the bias and cast to the activation dtype themselves, and split their rows over
+torch's threads in pieces claimed at run time (`csrc/cpu/parallel.h`: a call that finds the cores contended
+moves the next calls to one thread; `contention_stalls` counts those). Prefill dequantizes in C++ (same float32
+rounding as the reference) and calls `F.linear`, which is compute-bound there anyway.
 
-`PTQTP_CPU_ISA=auto|avx512|avx2|generic` forces one kernel (for tests, and for CPUs that misreport their
-features); forcing one this CPU lacks raises `BadOptionError`.
+`PTQTP_CPU_ISA=auto|avx512bf16|avx512|avx2|generic` forces one ISA level (for tests, and for CPUs that
+misreport their features); forcing one this CPU lacks raises `BadOptionError`.
 """
 
 from __future__ import annotations
@@ -18,12 +21,17 @@ import os
 
 import torch
 
-from .. import layouts
 from ..errors import BadOptionError
+from . import cpu_layouts as layouts
+from . import layout_cache
 from .base import GEMV_MAX_M, Backend, KernelSpec, env_reader
 
 ENV_ISA = "PTQTP_CPU_ISA"
-ISAS = ("avx512", "avx2", "generic")  # best first
+ISAS = ("avx512bf16", "avx512", "avx2", "generic")  # best first
+# fewest tokens for which the bf16dot kernel (decode once per tile of tokens) beats lut27 on bf16 activations
+BF16DOT_MIN_M = 2
+# rows per piece of work the bf16dot kernel's threads claim
+BF16DOT_GRAIN_ROWS = 32
 # table bytes per pass over the rows in the lut27 kernel (all tokens): small enough to stay in L2
 LUT27_TILE_BYTES = 512 << 10
 # least work per thread in the lut27 kernel, in (16-row block, group, token) units of about 60 ns each
@@ -70,29 +78,60 @@ def isa() -> str:
     return hit
 
 
+def contention_stalls() -> int:
+    """Kernel calls so far whose threads stalled on a busy machine (each moves the next calls to one thread)."""
+    ext, _ = _load()
+    return ext.contention_stalls() if ext is not None else 0
+
+
 def _available() -> tuple[bool, str]:
     ext, reason = _load()
     if ext is None:
         return False, reason
-    return True, {"avx512": "AVX-512 lut27", "avx2": "AVX2 lut3"}.get(best_isa(), "generic C++ (no AVX2 on this CPU)")
+    return True, {"avx512bf16": "AVX-512 lut27, AVX512-BF16 bf16dot", "avx512": "AVX-512 lut27",
+                  "avx2": "AVX2 lut3"}.get(best_isa(), "generic C++ (no AVX2 on this CPU)")
 
 
 def _supports(spec: KernelSpec) -> tuple[bool, str]:
     return True, f"{spec.kind} path"
 
 
+def kernel_for(m: int, dtype: torch.dtype, isa_name: str) -> str:
+    """The one place that picks the CPU kernel for M tokens of `dtype` activations on an ISA level:
+    "dequantize" (+ F.linear, prefill), "bf16dot", "lut27" or "lut3"."""
+    if m > GEMV_MAX_M:
+        return "dequantize"  # compute-bound: a GEMV would redo the decode or the lookups per token
+    if isa_name == "avx512bf16" and dtype == torch.bfloat16 and m >= BF16DOT_MIN_M:
+        return "bf16dot"
+    return "lut27" if isa_name in ("avx512bf16", "avx512") else "lut3"
+
+
+_LAYOUTS = {"bf16dot": ("cpu_bf16dot", layouts.to_cpu_bf16dot), "lut27": ("cpu_lut27", layouts.to_cpu_lut27),
+            "lut3": ("cpu_lut3", layouts.to_cpu_lut3)}
+
+
+def layout_for(kernel: str, packed, scales, in_features: int, group_size: int):
+    """The runtime layout `kernel` reads for this weight, built on first use and cached (None: dequantize)."""
+    if kernel == "dequantize":
+        return None
+    kind, build = _LAYOUTS[kernel]
+    return layout_cache.cached(kind, build, packed, scales, in_features, group_size)
+
+
 def trit_linear_cpu(x, packed, scales, bias, group_size: int, in_features: int) -> torch.Tensor:
-    """y (..., N) for x (..., K) on CPU: lut27 / lut3 GEMV for decode, C++ dequantize + F.linear for prefill."""
+    """y (..., N) for x (..., K) on CPU: the decode kernel `kernel_for` picks, or C++ dequantize + F.linear."""
     ext, _ = _load()
     n = packed.shape[-2]
-    if x.numel() > GEMV_MAX_M * in_features:  # prefill: GEMV would redo the lookups per token
+    kernel = kernel_for(x.numel() // in_features, x.dtype, isa())
+    if kernel == "dequantize":
         w = ext.dequantize(packed, scales, in_features, group_size, x.dtype)  # (N, K)
         return torch.nn.functional.linear(x, w, bias)
-    if isa() == "avx512":
-        lay = layouts.cached("cpu_lut27", layouts.to_cpu_lut27, packed, scales, in_features, group_size)
+    lay = layout_for(kernel, packed, scales, in_features, group_size)
+    if kernel == "bf16dot":
+        return ext.gemv_bf16dot(x, lay.codes, lay.scales, bias, n, in_features, group_size, BF16DOT_GRAIN_ROWS)
+    if kernel == "lut27":
         return ext.gemv_lut27(x, lay.codes, lay.scales, bias, n, in_features, group_size, lay.tail_in_spare,
                               LUT27_TILE_BYTES, LUT27_MIN_WORK)  # (..., N) x.dtype
-    lay = layouts.cached("cpu_lut3", layouts.to_cpu_lut3, packed, scales, in_features, group_size)
     return ext.gemv_lut3(x, lay.codes, lay.scales, bias, n, in_features, group_size, isa() == "avx2")
 
 

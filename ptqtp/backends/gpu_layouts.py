@@ -1,6 +1,6 @@
 """The GPU runtime layout ("trit2") that the CUDA and Triton kernels read, plus their split-K bookkeeping.
 
-Imports `packing` and `layouts` (its memo, `layouts.cached`) only. Built once per weight on first use from the
+Imports `packing` and `layout_cache` (the memo) only. Built once per weight on first use from the
 storage format and cached against the packed tensor (identity + version), never saved: checkpoints stay
 base-3, byte for byte. The storage packs 5 trits per byte across group boundaries, which costs a GPU several
 integer operations per trit; here every trit is a 2-bit field d = t + 1 (0, 1, 2; padding is 1 = trit 0), so a
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import layouts
+from . import layout_cache
 from ..packing import unpack
 
 ROW_TILE = 8  # rows per layout tile: the N of one mma.m16n8k16
@@ -132,7 +132,7 @@ def to_gpu_layout(packed: torch.Tensor, scales: torch.Tensor, in_features: int, 
 
 def cached_layout(packed: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int) -> GpuTritLayout:
     """The layout of this live (packed, scales) pair, built on its first call (warm up before graph capture)."""
-    return layouts.cached(LAYOUT_KIND, to_gpu_layout, packed, scales, in_features, group_size)
+    return layout_cache.cached(LAYOUT_KIND, to_gpu_layout, packed, scales, in_features, group_size)
 
 
 # ------------------------------------------------------------------------------------------------ split-K

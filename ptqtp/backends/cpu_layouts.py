@@ -1,9 +1,8 @@
-"""Runtime weight layouts for the kernels, converted once from the storage format and cached.
+"""Runtime weight layouts of the CPU kernels (`csrc/cpu/`), converted once from the storage format and cached.
 
-Imports `format` and `packing` only. The checkpoint keeps one layout (base-3, `format.py`); a kernel that
-decodes faster from another one gets it here, built on first use and cached against the packed tensor's
-identity and version (a weakref, so a freed or overwritten weight is never served a stale layout). Nothing
-here is saved: checkpoints stay byte-identical whatever backend ran.
+Imports `packing` only (never the backend registry or anything above it). The checkpoint keeps one layout
+(base-3, `format.py`); a kernel that decodes faster from another one gets it here, built on first use and kept
+by `layout_cache` (never saved: checkpoints stay byte-identical whatever backend ran).
 
 CPU "lut3" layout (`CpuLut3Layout`), for the AVX2 GEMV in `csrc/cpu/`:
     rows are taken 8 at a time (one AVX2 register of fp32 lanes, one lane per output row); each group's
@@ -32,17 +31,28 @@ CPU "lut27" layout (`CpuLut27Layout`), for the AVX-512 GEMV in `csrc/cpu/lut27_a
         codes   int32   (R, G, 2 planes, W, 16 lanes)      R = ceil(out / 16)
         scales  float16 (R, G, 2 planes, 16 lanes)
     At g = 128: W = 7, i.e. 2 * 7 * 32 / 128 + 2 * 16 / 128 = 3.75 bits per weight in memory.
+
+CPU "bf16dot" layout (`CpuBf16DotLayout`), for the AVX512-BF16 GEMV in `csrc/cpu/bf16dot_avx512.cpp`:
+    row-major. Each weight is one 4-bit joint code (t1+1) + 3(t2+1) in 0..8 (4: both planes zero), the index
+    of its value in the kernel's per-(row, group) table of a1*t1 + a2*t2. Each group is cut into U =
+    ceil(g / 64) units of 64 columns (padding columns get code 4); byte j of a unit holds the code of column j
+    in bits 0-3 and of column 32 + j in bits 4-7, so one zero-extension to 16-bit lanes gives the indices of
+    columns 0-31 for `vpermw` (which reads bits 0-4; the table repeats in entries 16-31, so bit 4 is free) and
+    a 4-bit shift those of columns 32-63. Scales are float32 (broadcast straight from memory).
+
+        codes   uint8   (N, G, U, 32)
+        scales  float32 (N, G, 2)
+    At g = 128: 4 + 2 * 32 / 128 = 4.5 bits per weight in memory.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
 
-from .packing import unpack
+from ..packing import unpack
 
 ROWS_PER_BLOCK = 8  # fp32 lanes of an AVX2 register
 CHUNK = 3  # columns per table lookup: 2^3 = 8 subset sums = one AVX2 register
@@ -50,7 +60,6 @@ CHUNKS_PER_WORD = 10  # 3-bit codes per int32 word
 LUT27_ROWS = 16  # fp32 lanes of an AVX-512 register
 LUT27_CODES_PER_WORD = 6  # 5-bit codes per int32 word
 
-_CACHE: dict[tuple, tuple[weakref.ref, weakref.ref, tuple[int, int], object]] = {}  # key -> (packed, scales, versions, layout)
 
 
 @dataclass(frozen=True)
@@ -161,20 +170,31 @@ def to_cpu_lut27(packed: torch.Tensor, scales: torch.Tensor, in_features: int, g
                           spare)
 
 
-def cached(kind: str, build, packed: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int):
-    """`build(packed, scales, in_features, group_size)`, memoised per live (packed, scales) pair and version."""
-    key = (kind, packed.data_ptr(), scales.data_ptr(), in_features, group_size)
-    version = (packed._version, scales._version)
-    hit = _CACHE.get(key)
-    if hit is not None:
-        ref_p, ref_s, ver, layout = hit
-        if ref_p() is packed and ref_s() is scales and ver == version:
-            return layout
-    layout = build(packed, scales, in_features, group_size)
-    _CACHE[key] = (weakref.ref(packed), weakref.ref(scales), version, layout)
-    weakref.finalize(packed, _CACHE.pop, key, None)
-    return layout
+BF16DOT_UNIT = 64  # columns per 32-byte unit: two 4-bit codes per byte
 
 
-def clear_cache() -> None:
-    _CACHE.clear()
+@dataclass(frozen=True)
+class CpuBf16DotLayout:
+    codes: torch.Tensor  # uint8 (N, G, U, 32)
+    scales: torch.Tensor  # float32 (N, G, 2)
+    out_features: int
+    in_features: int
+    group_size: int
+
+
+def to_cpu_bf16dot(packed: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int,
+                   row_chunk: int = 1024) -> CpuBf16DotLayout:
+    """Convert storage planes (2, N, ceil(K/5)) + fp16 scales (2, N, G) into the CPU bf16dot layout."""
+    n = packed.shape[-2]
+    g_count = scales.shape[-1]
+    u = math.ceil(group_size / BF16DOT_UNIT)
+    parts = []
+    for t in _trit_groups(packed, in_features, group_size, g_count, row_chunk):  # (2, rows, G, g)
+        rows = t.shape[1]
+        code = ((t[0] + 1) + 3 * (t[1] + 1)).to(torch.uint8)  # (rows, G, g): 4 where both planes are 0
+        code = torch.nn.functional.pad(code, (0, u * BF16DOT_UNIT - group_size), value=4)  # (rows, G, U*64)
+        code = code.view(rows, g_count, u, 2, 32)
+        parts.append(code[..., 0, :] | (code[..., 1, :] << 4))  # (rows, G, U, 32)
+    codes = torch.cat(parts).contiguous()
+    s = scales.cpu().to(torch.float32).permute(1, 2, 0).contiguous()  # (N, G, 2)
+    return CpuBf16DotLayout(codes, s, n, in_features, group_size)

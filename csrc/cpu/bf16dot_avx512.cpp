@@ -1,0 +1,164 @@
+// The bf16dot GEMV (AVX-512F/BW + AVX512-BF16), torch-free, for bfloat16 activations. Compiled with target
+// attributes only, like lut27: the extension still builds and imports where the compiler or the CPU lacks them.
+//
+// The weight is decoded, not looked up per token: per (row, group) a 16-entry bf16 table holds the nine values
+// a1*t1 + a2*t2 (t in {-1, 0, 1}), formed in float32 and rounded once to bf16, exactly the weight the reference
+// uses for bf16 activations; one `vpermw` turns 32 four-bit codes of a row into 32 bf16 weights, and that
+// register feeds one `vdpbf16ps` (32 multiply-adds into 16 float32 lanes) per token of the tile. The decode is
+// paid once per weight per tile of tokens, so at M > 1 its cost spreads over the tokens, while the lut kernels
+// pay one lookup per weight triple, plane and token.
+//
+// Tiles: R rows x T tokens of accumulators stay in registers over a block of kBlockCols columns (lanes run
+// along K), parked in a small per-piece buffer between blocks; one horizontal sum per (row, token) at the end. Activations are read from a bf16 copy made per call, laid out
+// by unit: the 64 columns of one unit for every token side by side (each group padded with zeros to whole
+// units), so one pointer and constant offsets reach every token. Rows are claimed in pieces
+// (parallel.h); the tokens are walked in passes of at most 8.
+#include "trit_cpu.h"
+
+#include <algorithm>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define PTQTP_BF16DOT 1
+#else
+#define PTQTP_BF16DOT 0
+#endif
+
+#include "parallel.h"
+
+namespace ptqtp_cpu {
+
+bool bf16dot_compiled() { return PTQTP_BF16DOT != 0; }
+
+#if PTQTP_BF16DOT
+
+#define PTQTP_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+namespace {
+
+// t1 and t2 of every code c = (t1+1) + 3(t2+1); zero weight past c = 8
+struct Digits {
+  alignas(64) float t1[16], t2[16];
+  Digits() {
+    for (int c = 0; c < 16; ++c) {
+      t1[c] = c < 9 ? static_cast<float>(c % 3 - 1) : 0.0f;
+      t2[c] = c < 9 ? static_cast<float>(c / 3 - 1) : 0.0f;
+    }
+  }
+};
+const Digits kDigits;
+
+constexpr int kMaxTokens = 8;       // tokens per pass over the rows
+constexpr int kBlockCols = 1024;    // columns per pass: a pass's activations (8 tokens: 16 KB) stay in L1
+
+// Running sums of the rows of one piece between column blocks: (rows, tokens, 16 lanes).
+struct Partial {
+  alignas(64) float v[kBf16DotMaxPieceRows][kMaxTokens][16];
+};
+
+// rows r0 .. r0+R-1 (row i of the piece at rp + i), tokens t0 .. t0+T-1, groups [g0, g1): starts from zero on
+// the first block, adds the bias and stores to y on the last, keeps the sums in `part` between blocks
+template <int R, int T>
+PTQTP_AVX512BF16 void tile(const Bf16DotProblem& p, int64_t r0, int64_t rp, int64_t t0, int64_t g0, int64_t g1,
+                           Partial& part) {
+  const int64_t G = p.groups, U = p.units;
+  const bool first = g0 == 0, last = g1 == G;
+  const __m512 d1 = _mm512_load_ps(kDigits.t1), d2 = _mm512_load_ps(kDigits.t2);
+  __m512 acc[R][T];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) acc[r][t] = first ? _mm512_setzero_ps() : _mm512_load_ps(part.v[rp + r][t]);
+  const uint16_t* x0 = p.x + t0 * kBf16DotUnit;  // unit u of token t at (u * m + t) * 64
+  for (int64_t g = g0; g < g1; ++g) {
+    __m512i tab[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float* s = p.scales + ((r0 + r) * G + g) * 2;
+      const __m512 v = _mm512_fmadd_ps(d1, _mm512_set1_ps(s[0]), _mm512_mul_ps(d2, _mm512_set1_ps(s[1])));
+      tab[r] = (__m512i)_mm512_cvtne2ps_pbh(v, v);  // words 0-15 and 16-31 alike: bit 4 of an index is free
+    }
+    for (int64_t u = 0; u < U; ++u) {
+      // decode R rows x 64 columns, then stream each activation vector once through all R rows
+      __m512bh lo[R], hi[R];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        // byte j of a unit: code of column j (bits 0-3) and of column 32 + j (bits 4-7)
+        const __m512i c = _mm512_cvtepu8_epi16(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.codes + (((r0 + r) * G + g) * U + u) * 32)));
+        lo[r] = (__m512bh)_mm512_permutexvar_epi16(c, tab[r]);
+        hi[r] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(c, 4), tab[r]);
+      }
+      const uint16_t* xu = x0 + (g * U + u) * p.m * kBf16DotUnit;
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const __m512bh xl = (__m512bh)_mm512_loadu_si512(xu + t * kBf16DotUnit);
+        const __m512bh xh = (__m512bh)_mm512_loadu_si512(xu + t * kBf16DotUnit + 32);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], lo[r], xl);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], hi[r], xh);
+      }
+    }
+  }
+  if (!last) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) _mm512_store_ps(part.v[rp + r][t], acc[r][t]);
+    return;
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const float b = p.bias ? p.bias[r0 + r] : 0.0f;
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) p.y[(t0 + t) * p.y_stride + r0 + r] = _mm512_reduce_add_ps(acc[r][t]) + b;
+  }
+}
+
+// rows [ra, rb) (at most kBf16DotMaxPieceRows) for tokens t0 .. t0+T-1, block by block of columns: R rows at a
+// time, then one at a time
+template <int R, int T>
+PTQTP_AVX512BF16 void rows_as(const Bf16DotProblem& p, int64_t ra, int64_t rb, int64_t t0) {
+  Partial part;
+  const int64_t block = std::max<int64_t>(1, kBlockCols / (p.units * kBf16DotUnit));  // groups per block
+  for (int64_t g0 = 0; g0 < p.groups; g0 += block) {
+    const int64_t g1 = std::min(p.groups, g0 + block);
+    int64_t r = ra;
+    for (; r + R <= rb; r += R) tile<R, T>(p, r, r - ra, t0, g0, g1, part);
+    for (; r < rb; ++r) tile<1, T>(p, r, r - ra, t0, g0, g1, part);
+  }
+}
+
+// R x T accumulators: at most 16, so that codes, tables and weights fit in the other registers
+PTQTP_AVX512BF16 void rows(const Bf16DotProblem& p, int64_t ra, int64_t rb) {
+  for (; ra < rb; ra += kBf16DotMaxPieceRows) {
+    const int64_t re = std::min(rb, ra + kBf16DotMaxPieceRows);
+    int64_t t0 = 0;
+    for (; t0 + kMaxTokens <= p.m; t0 += kMaxTokens) rows_as<2, kMaxTokens>(p, ra, re, t0);
+    switch (p.m - t0) {
+      case 1: rows_as<4, 1>(p, ra, re, t0); break;
+      case 2: rows_as<4, 2>(p, ra, re, t0); break;
+      case 3: rows_as<4, 3>(p, ra, re, t0); break;
+      case 4: rows_as<4, 4>(p, ra, re, t0); break;
+      case 5: rows_as<2, 5>(p, ra, re, t0); break;
+      case 6: rows_as<2, 6>(p, ra, re, t0); break;
+      case 7: rows_as<2, 7>(p, ra, re, t0); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace
+
+void gemv_bf16dot(const Bf16DotProblem& p) {
+  parallel_items(p.n, p.grain_rows, p.threads, [&](int64_t ra, int64_t rb) { rows(p, ra, rb); });
+}
+
+#else  // not x86: never selected (cpu_best_isa() returns generic)
+
+void gemv_bf16dot(const Bf16DotProblem&) {}
+
+#endif
+
+}  // namespace ptqtp_cpu
