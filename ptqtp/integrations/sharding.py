@@ -30,11 +30,12 @@ def input_shard_size(in_features: int, tp_size: int, group_size: int, layer: str
     )
 
 
-def packed_columns(packed: torch.Tensor, in_features: int, start: int, length: int) -> torch.Tensor:
+def packed_columns(packed: torch.Tensor, in_features: int, start: int, length: int, device=None) -> torch.Tensor:
     """Input columns [start, start + length) of packed planes, packed again as a tensor of their own.
 
     Args:
         packed: uint8 (..., ceil(in_features / 5)), base-3 trits as in `format.py`.
+        device: where the shard is cut and returned (only the rank's bytes move there; a GPU re-packs fastest).
     Returns:
         uint8 (..., ceil(length / 5)), new memory.
     """
@@ -48,9 +49,9 @@ def packed_columns(packed: torch.Tensor, in_features: int, start: int, length: i
     per = fmt.TRITS_PER_BYTE
     end = start + length
     if start % per == 0 and (end % per == 0 or end == in_features):  # byte-aligned: the bytes are the shard
-        return packed[..., start // per:fmt.packed_cols(end)].clone()
+        return packed[..., start // per:fmt.packed_cols(end)].to(device, copy=True)
     b0, b1 = start // per, fmt.packed_cols(end)
-    trits = unpack(packed[..., b0:b1], (*packed.shape[:-1], (b1 - b0) * per))  # (..., 5 * bytes) int8
+    trits = unpack(packed[..., b0:b1].to(device), (*packed.shape[:-1], (b1 - b0) * per))  # (..., 5 * bytes) int8
     return pack(trits[..., start - b0 * per:end - b0 * per])  # (..., ceil(length / 5))
 
 

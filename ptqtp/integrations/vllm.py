@@ -189,7 +189,7 @@ def _input_shard_loader(layer, in_features: int, local: int, group_size: int, pa
     def load(param: Parameter, loaded: torch.Tensor) -> None:
         start = layer.tp_rank * local
         if packed:
-            shard = sharding.packed_columns(loaded, in_features, start, local)  # (2, n, ceil(local/5))
+            shard = sharding.packed_columns(loaded, in_features, start, local, param.device)  # (2, n, ceil(local/5))
         else:
             shard = sharding.scale_groups(loaded, in_features, group_size, start, local)  # (2, n, local/g)
         if shard.shape != param.shape:
