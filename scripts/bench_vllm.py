@@ -140,7 +140,8 @@ def random_llama8b(work: pathlib.Path) -> tuple[str, str]:
             t = {f"model.layers.{i}.input_layernorm.weight": torch.ones(4096, dtype=torch.bfloat16),
                  f"model.layers.{i}.post_attention_layernorm.weight": torch.ones(4096, dtype=torch.bfloat16)}
             for name, (o, k) in shapes.items():
-                mod = f"model.layers.{i}.{'self_attn' if name.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{name}"
+                block = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                mod = f"model.layers.{i}.{block}.{name}"
                 if kind == "dense":
                     t[f"{mod}.weight"] = (torch.randn(o, k, generator=gen) * 0.02).bfloat16()
                 else:

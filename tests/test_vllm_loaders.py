@@ -164,6 +164,12 @@ def test_quantized_moe_experts_get_one_line_error_naming_the_layer():
     assert "model.layers.5.mlp.experts" in str(err.value) and "--skip experts" in str(err.value)
     assert "\n" not in str(err.value)
     assert _config(skip=["experts"]).get_quant_method(experts, "model.layers.5.mlp.experts") is None
+    stored = _config()  # what the safetensors headers say: fused 3-D experts `...experts.gate_up_proj` (+ `_scale`)
+    stored.stored = {"model.layers.5.mlp.experts"}
+    with pytest.raises(UnsupportedCheckpointError, match="model.layers.5.mlp.experts"):
+        stored.get_quant_method(experts, "model.layers.5.mlp.experts")
+    stored.stored = {"model.layers.5.self_attn.o_proj"}
+    assert stored.get_quant_method(experts, "model.layers.5.mlp.experts") is None
 
 
 def test_newer_format_version_is_refused():

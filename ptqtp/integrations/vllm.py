@@ -102,7 +102,7 @@ class PtqtpVllmConfig(QuantizationConfig):
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if isinstance(layer, RoutedExperts):
-            packed = (any(s.startswith(prefix + ".") for s in self.stored) if self.stored is not None
+            packed = (any(s == prefix or s.startswith(prefix + ".") for s in self.stored) if self.stored is not None
                       else not self.tritplane.is_skipped(prefix))
             if packed:
                 raise UnsupportedCheckpointError(
@@ -138,8 +138,9 @@ class PtqtpLinearMethod(LinearMethodBase):
         layer_loader = extra_weight_attrs.pop("weight_loader")
         n, k, g = sum(output_partition_sizes), input_size_per_partition, self.group_size
         self.in_features = k
-        weight = Parameter(torch.empty(fmt.packed_shape(n, k), dtype=torch.uint8), requires_grad=False)  # (2, n, ceil(k/5))
-        scale = Parameter(torch.empty(fmt.scale_shape(n, k, g), dtype=torch.float16), requires_grad=False)  # (2, n, G)
+        # this rank's tensors: planes (2, n, ceil(k / 5)) uint8 and scales (2, n, ceil(k / g)) float16
+        weight = Parameter(torch.empty(fmt.packed_shape(n, k), dtype=torch.uint8), requires_grad=False)
+        scale = Parameter(torch.empty(fmt.scale_shape(n, k, g), dtype=torch.float16), requires_grad=False)
         if isinstance(layer, RowParallelLinear) and k != input_size:  # input columns split across ranks
             local = sharding.input_shard_size(input_size, layer.tp_size, g, layer.prefix)
             loaders = (_input_shard_loader(layer, input_size, local, g, packed=True),
