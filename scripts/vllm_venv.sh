@@ -44,7 +44,9 @@ PINS="$VENV/vllm-pins.txt"
 "$PY" -m pip freeze --exclude-editable | grep -v -i "^ptqtp" > "$PINS"
 echo "== installing lm-eval, pytest and ptqtp (constrained to vLLM's torch and transformers)"
 "$PY" -m pip install -q -c "$PINS" setuptools wheel "lm-eval>=0.4.5" "pytest>=8" "pytest-xdist>=3" "gguf>=0.10"
-"$PY" -m pip install -q -c "$PINS" --use-pep517 --no-build-isolation -e .  # PEP 660: exposes ptqtp only, never a top-level triton_kernels
+# PEP 660 editable install: exposes `ptqtp` only (a legacy one would put the repo root, and so a top-level
+# `triton_kernels` that vLLM mistakes for OpenAI's, on sys.path)
+"$PY" -m pip install -q -c "$PINS" --use-pep517 --no-build-isolation -e .
 if ! "$PY" setup.py -q build_ext --inplace > "$VENV/ptqtp-build.log" 2>&1; then
   cat "$VENV/ptqtp-build.log"; echo "error: building the C++ kernels failed (log above)"; exit 1
 fi
