@@ -96,7 +96,11 @@ setup(
         "dev": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "triton>=3.0", "lm-eval>=0.4.5", "gguf>=0.10",
                 "matplotlib>=3.7"],
     },
-    entry_points={"console_scripts": ["ptqtp=ptqtp.cli:main"]},
+    entry_points={
+        "console_scripts": ["ptqtp=ptqtp.cli:main"],
+        # vLLM loads this in every process (front end, engine core, workers): serves quant_method "ptqtp"
+        "vllm.general_plugins": ["ptqtp = ptqtp.integrations.vllm:register"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

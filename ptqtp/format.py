@@ -25,6 +25,16 @@ Fused 3-D expert tensors (E, out, in) are stored per expert as (E, 2, out, ceil(
 (E, 2, out, G).
 
 At group size 128: 2 * 8 / 5 = 3.2 bits of trits + 2 * 16 / 128 = 0.25 bits of scales = 3.45 bits/weight.
+
+Sharding (tensor parallelism; `integrations/sharding.py`, used by the vLLM plugin): a rank that owns output rows
+(q/k/v, gate/up, column-parallel) takes a plain slice of dimension 1 of `X.weight` and `X.weight_scale`. A rank
+that owns input columns (o_proj, down_proj: row-parallel) cannot slice the bytes: rank r of tp owns columns
+[r * in / tp, (r + 1) * in / tp), and its first column starts a byte only when it is a multiple of 5, never for
+power-of-two sizes (4096 / 2 = 2048 = 5 * 409 + 3). Readers re-slice instead: unpack the bytes that hold the
+rank's columns, cut, pack again; scales are sliced by whole groups, so `in / tp` must be a multiple of the group
+size, and a split that cuts a group is refused. Version 1 stays as it is: a group-aligned packing (26 bytes per
+128 columns, 3.5 bits/weight) would turn the re-slice into a byte slice, but the re-slice costs a fraction of a
+second per layer once at load (measured in eval/VLLM.md) and no run-time cost.
 """
 
 from __future__ import annotations
