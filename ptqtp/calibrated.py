@@ -29,7 +29,7 @@ from . import loader, writer
 from .calibration import LayerResult, calibrate_model, find_decoder_layers
 from .calibration_data import load_calibration_tokens, resolve_calibration_path
 from .config import TRIT_METHODS, TritPlaneConfig
-from .converter import TensorConverter
+from .converter import TensorConverter, check_finite
 from .device import resolve_device
 from .errors import BadOptionError, OutputExistsError, UnsupportedCheckpointError
 from .hessian_fit import DEFAULT_DAMP, DEFAULT_FEEDBACK
@@ -131,10 +131,8 @@ def quantize_checkpoint_calibrated(src, dst, config: TritPlaneConfig | None = No
         record = {"file": str(calib_path), "samples": calib_samples, "seq_len": calib_seq_len, "damp": damp,
                   "feedback": feedback, "weighted_scales": True, "refit_scales": True, "act_order": feedback,
                   "linears": len(planes), "calibration_seconds": round(calib_seconds, 2)}
-        report = run.write(TensorConverter(config, device, planes), model_ref=src, device=device, t_start=t_start,
-                           extra={"calibration": record})
-    report["calibration"]["wall_seconds"] = report["totals"]["wall_time_s"]
-    return report
+        return run.write(TensorConverter(config, device, planes), model_ref=src, device=device, t_start=t_start,
+                         extra={"calibration": record})  # its totals.wall_time_s: the whole run, from t_start
 
 
 def _calibrate(run, source, tokens, config, device, damp, feedback, show_progress, t_start):
@@ -157,7 +155,7 @@ def _calibrate(run, source, tokens, config, device, damp, feedback, show_progres
     hf_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=_compute_dtype(source.path, device)).eval()
     prefix, layers = find_decoder_layers(hf_model)
     linears = {name: m for i, layer in enumerate(layers) for name, m in select_linears(layer, config, f"{prefix}.{i}")}
-    _check_coverage(source, linears)
+    _check_weights(source, linears)
     work = {name: m.weight.numel() for name, m in linears.items()}
     bar = progress_bar(len(linears), show_progress, "calibrate", "tensor", total_work=sum(work.values()))
     bar.skip(sum(len(v) for v in done.values()), sum(work[n] for v in done.values() for n in v))
@@ -170,17 +168,22 @@ def _calibrate(run, source, tokens, config, device, damp, feedback, show_progres
     return {f"{name}.weight": tp for name, tp in planes.items()}, time.perf_counter() - t_start
 
 
-def _check_coverage(source, linears: dict) -> None:
-    """Calibration fits exactly the weights the checkpoint quantizes, checked before it starts: a weight it
-    would not reach is never quietly solved without calibration, and no plane it computes goes unwritten."""
+def _check_weights(source, linears: dict) -> None:
+    """Before calibrating: calibration fits exactly the weights the checkpoint quantizes (a weight it would not
+    reach is never quietly solved without it, and no plane it computes goes unwritten), and they are finite."""
     quantized = {t.name for t in source.tensors if t.action != DENSE}
     fitted = {f"{name}.weight" for name in linears}
     missing, extra = sorted(quantized - fitted), sorted(fitted - quantized)
     if missing:
+        more = f" and {len(missing) - 1} more weights" if len(missing) > 1 else ""
         raise UnsupportedCheckpointError(
-            f"calibration does not reach {missing[0]} ({len(missing)} weight(s) of the checkpoint in all), "
-            "which the checkpoint quantizes; quantize without --calib, or keep it dense with --skip.")
+            f"calibration does not reach {missing[0]}{more}, which the checkpoint quantizes (the model names them "
+            "otherwise in memory, or holds them in no nn.Linear); quantize without --calib, or keep them dense "
+            "with --skip.")
     if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
         raise UnsupportedCheckpointError(
-            f"calibration would fit {extra[0]}, which the checkpoint does not store as a quantizable weight "
-            f"({len(extra)} in all); quantize without --calib.")
+            f"calibration would fit {extra[0]}{more}, which the checkpoint does not store as a quantizable weight; "
+            "quantize without --calib.")
+    for name, linear in linears.items():
+        check_finite(linear.weight, f"{name}.weight")

@@ -57,7 +57,7 @@ class TensorConverter:
         w = t.to(device=device, dtype=torch.float32)  # (out, in) or (E, out, in)
         del t
         if config.method in INT_BASELINES:
-            _check_finite(w, src.name)
+            check_finite(w, src.name)
             bits = INT_BASELINES[config.method]
             q = (fake_quantize_int(w, bits, config.group_size) if w.dim() == 2 else  # fused experts: per expert
                  torch.stack([fake_quantize_int(w[e], bits, config.group_size) for e in range(w.shape[0])]))
@@ -127,7 +127,8 @@ def _quantize_by_rows(src, device: torch.device, config: TritPlaneConfig):
     return packed, scales, math.sqrt(err2 / ref2) if ref2 else 0.0, iters / out_f
 
 
-def _check_finite(w: torch.Tensor, name: str) -> None:
+def check_finite(w: torch.Tensor, name: str) -> None:
+    """A weight with NaN or Inf is a corrupt checkpoint: refuse it by name (the solvers check their own)."""
     if not bool(torch.isfinite(w).all()):
         raise NonFiniteWeightError(f"weight {name!r} holds NaN or Inf values; the checkpoint is corrupt: fix it "
                                    "or keep this layer dense with --skip.")

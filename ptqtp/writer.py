@@ -273,14 +273,17 @@ def open_output(out, source, config: TritPlaneConfig, *, resume: bool = False, o
         ckpt.raise_write_error(out, e)
     try:
         state = _admit(out, calibration is not None, resume, overwrite)  # what it holds now that it is ours
-        if overwrite:
-            _clear_output(out, source.path)
-        elif state == FINISHED:
+        if state == FINISHED and not overwrite:
             run.finished = True
-        elif state in (INTERRUPTED, CALIBRATING):
+        elif state in (INTERRUPTED, CALIBRATING) and not overwrite:
             run.continue_from_manifest()
-        if not run.finished:
-            _remove_temps(out)
+        try:
+            if overwrite:
+                _clear_output(out, source.path)
+            elif not run.finished:
+                _remove_temps(out)
+        except OSError as e:
+            ckpt.raise_write_error(out, e)
         yield run
     finally:
         lock.__exit__(None, None, None)
