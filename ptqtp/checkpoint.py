@@ -531,11 +531,11 @@ def _check_unpaired(path, name: str, spec: TensorSpec, tensors: dict[str, Tensor
     if _plane_like(spec, torch.uint8) and name.endswith("." + fmt.WEIGHT_SUFFIX):
         raise CorruptCheckpointError(f"{path}: {name} holds packed trit-planes but {scale_name(name)} is missing; "
                                      "the shard is corrupt, quantize again.")
-    if name.endswith("." + fmt.SCALE_SUFFIX):
-        base = name[: -len(fmt.SCALE_SUFFIX)] + fmt.WEIGHT_SUFFIX
-    else:
-        base = name.removesuffix("_scale")
-    if base != name and _plane_like(spec, torch.float16) and base not in tensors:
+    if name.endswith("." + fmt.SCALE_SUFFIX):  # a Linear's scales: (2, out, G)
+        base, dims = name[: -len(fmt.SCALE_SUFFIX)] + fmt.WEIGHT_SUFFIX, 3
+    else:  # fused experts' scales: (E, 2, out, G)
+        base, dims = name.removesuffix("_scale"), 4
+    if base != name and _plane_like(spec, torch.float16) and len(spec.shape) == dims and base not in tensors:
         raise CorruptCheckpointError(f"{path}: {name} has no packed weight beside it; the shard is corrupt, "
                                      "quantize again.")
 
