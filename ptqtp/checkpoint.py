@@ -84,9 +84,13 @@ def raise_write_error(path, e: OSError):
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         raise OutputNotWritableError(f"cannot write {path} ({e.strerror}); the output folder is read-only or not "
                                      "yours: choose another -o directory.") from None
+    if e.errno == errno.ENOTDIR:
+        raise OutputNotWritableError(f"cannot write {path}: part of that path is a file, not a folder; choose "
+                                     "another -o directory.") from None
     if e.errno == errno.EFBIG:
-        raise OutputNotWritableError(f"cannot write {path}: the file grows past what this filesystem (or the "
-                                     "file-size limit, ulimit -f) allows; pass a smaller --max-shard-size.") from None
+        raise OutputNotWritableError(f"cannot write {path}: the file grows past what this filesystem or the "
+                                     "file-size limit (ulimit -f) allows; raise the limit, or pass a smaller "
+                                     "--max-shard-size.") from None
     raise e
 
 

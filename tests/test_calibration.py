@@ -457,3 +457,42 @@ def test_one_total_time_and_one_moving_bar_per_phase(tiny_model_dir, tmp_path, c
             bars.setdefault(m.group(1), []).append((int(m.group(3)), int(m.group(4))))
     assert set(bars) == {"hash source", "calibrate", "write"}, captured.err
     assert bars["calibrate"][-1] == (14, 14) and bars["write"][-1][0] == bars["write"][-1][1] > 14
+
+
+def test_interrupted_calibrated_run_resumes_only_with_its_text_and_source(tiny_model_dir, tmp_path, monkeypatch):
+    """Saved layers are reused only for the calibration text and source content they were fit to."""
+    import shutil
+
+    import ptqtp.calibration as calibration
+    from ptqtp import checkpoint as ckpt
+    from ptqtp.errors import OutputExistsError
+
+    src = tiny_model_dir("llama")
+    config = ptqtp.TritPlaneConfig(max_iters=FAST_ITERS)
+    real, calls = calibration.gptq_trit_planes, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while solving the second layer
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "gptq_trit_planes", interrupted)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        ptqtp.quantize_checkpoint(str(src), out, config, **CALIB)
+    monkeypatch.setattr(calibration, "gptq_trit_planes", real)
+    before = _tree(out)
+    assert any(name.endswith("layer-00000.safetensors") for name in before)
+
+    other = shutil.copytree(src, tmp_path / "other")  # same names, sizes and headers; one weight negated
+    header = ckpt.read_header(other / "model.safetensors")
+    begin, end = header.offsets["model.layers.0.mlp.up_proj.weight"]
+    raw = bytearray((other / "model.safetensors").read_bytes())
+    for i in range(header.data_start + begin + 3, header.data_start + end, 4):
+        raw[i] ^= 0x80
+    (other / "model.safetensors").write_bytes(bytes(raw))
+    for source, kw in ((src, {**CALIB, "calib_samples": 3}), (other, CALIB)):
+        with pytest.raises(OutputExistsError, match="interrupted calibrated run of another source, text or options"):
+            ptqtp.quantize_checkpoint(str(source), out, config, resume=True, **kw)
+        assert _tree(out) == before

@@ -130,6 +130,7 @@ def test_kill_then_resume_gives_the_same_bytes(tiny_model_dir, tmp_path):
     proc.wait()
     assert 2 <= finished < n_shards
     assert not (out / "config.json").exists()  # incomplete output is not mistaken for a model
+    assert (out / ".ptqtp-lock").is_file()  # left by the killed run: --resume below must take it over
     assert main(["quantize", str(src), "-o", str(out), *opts]) != 0  # without --resume it is refused
 
     resumed = subprocess.run(_cli(src, "-o", out, *opts, "--resume"), env=ENV, capture_output=True, text=True,

@@ -172,6 +172,25 @@ def test_an_unreadable_manifest_is_refused_not_restarted_in_place(tiny_model_dir
     assert _tree(out) == before
 
 
+@pytest.mark.parametrize("left, calib, expect", [
+    (".calib-partial", None, "holds an interrupted calibrated run; resume it with the same --calib options"),
+    ("ptqtp_manifest.json", "boolq", "holds an interrupted run without --calib; resume it without --calib"),
+])
+def test_an_interrupted_run_resumes_only_in_its_own_mode(left, calib, expect, tiny_model_dir, tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    if left.endswith(".json"):
+        (out / left).write_text(json.dumps({"fingerprint": "x", "shards": {}}))
+    else:
+        (out / left).mkdir()
+        (out / left / "layer-00000.safetensors").write_bytes(b"a layer")
+    before = _tree(out)
+    with pytest.raises(OutputExistsError, match=re.escape(expect)):
+        quantize_checkpoint(tiny_model_dir("llama"), out, RTN, resume=True, show_progress=False, calib=calib,
+                            calib_samples=1, calib_seq_len=16)
+    assert _tree(out) == before
+
+
 # ------------------------------------------------------------------------------------------------- the lock
 
 
