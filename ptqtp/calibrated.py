@@ -5,7 +5,7 @@ The model is loaded on CPU (float32 there; its own dtype when layers run on CUDA
 (`converter`, `writer`), so shards, config, report and loading are exactly those of calibration-free
 quantization; only the trits and scales differ. The writer's `open_output` checks and locks OUT before
 anything is loaded, so a run that would be refused is refused up front, and calibration fits exactly the
-weights the checkpoint quantizes (checked before it starts, `_check_coverage`): none is solved without it.
+weights the checkpoint quantizes (checked before it starts, `_check_weights`): none is solved without it.
 Resume works at layer granularity: each finished layer is kept in OUT/.calib-partial (with the run's
 fingerprint and the content hash of its source, `state.json`) until the checkpoint is complete; on --resume
 the stored planes are reloaded and the activations replayed through them (identical to an uninterrupted run).
@@ -38,8 +38,7 @@ from .progress import progress_bar
 from .selection import DENSE, select_linears
 from .solver import TritPlanes
 
-PARTIAL_DIR = writer.PARTIAL_DIR  # inside OUT: finished layers of an interrupted calibrated run
-_STATE_NAME = "state.json"
+_STATE_NAME = "state.json"  # in OUT/.calib-partial (`writer.PARTIAL_DIR`), beside the finished layers
 
 
 def _layer_file(partial, index: int):

@@ -87,7 +87,8 @@ class OutputLock:
             os.close(fd)
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started}).encode())
         self._fd = fd
         return self
 
@@ -108,7 +109,8 @@ class OutputLock:
 
     @staticmethod
     def _read(fd: int) -> str:
-        return os.pread(fd, 4096, 0).decode(errors="replace")
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, 4096).decode(errors="replace")
 
     def __exit__(self, *exc) -> None:
         if self._fd is None:
