@@ -3,14 +3,16 @@
 The model is loaded on CPU (float32 there; its own dtype when layers run on CUDA), calibrated layer by layer
 (`calibration`), and its trit-planes are handed to the writer with every other tensor of the checkpoint
 (`converter`, `writer`), so shards, config, report and loading are exactly those of calibration-free
-quantization; only the trits and scales differ. Resume works at layer granularity: each finished layer is
-kept in OUT/.calib-partial (with the options and calibration tokens it was made with, `state.json`) until the
-checkpoint is complete; on --resume the stored planes are reloaded and the activations replayed through them
-(identical to an uninterrupted run).
+quantization; only the trits and scales differ. The writer's `open_output` checks and locks OUT before
+anything is loaded, so a run that would be refused is refused up front, and calibration fits exactly the
+weights the checkpoint quantizes (checked before it starts, `_check_weights`): none is solved without it.
+Resume works at layer granularity: each finished layer is kept in OUT/.calib-partial (with the run's
+fingerprint and the content hash of its source, `state.json`) until the checkpoint is complete; on --resume
+the stored planes are reloaded and the activations replayed through them (identical to an uninterrupted run).
 
 Imports `calibration` (with `hessian_fit`'s defaults), `calibration_data`, `loader`, `converter`, `writer`,
-`checkpoint` and `packing` (the saved layers), `selection`, `solver`, `config`, `device`, `progress`, `errors`
-and `_version`; transformers (model, tokenizer) inside `quantize_checkpoint_calibrated` only; never the
+`checkpoint` and `packing` (the saved layers), `selection`, `solver`, `config`, `device`, `progress` and
+`errors`; transformers (model, tokenizer) inside functions only; never the
 calibration-free `pipeline`.
 """
 
@@ -18,29 +20,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pathlib
-import shutil
 import time
 
 import torch
 
 from . import checkpoint as ckpt
 from . import loader, writer
-from ._version import __version__
 from .calibration import LayerResult, calibrate_model, find_decoder_layers
 from .calibration_data import load_calibration_tokens, resolve_calibration_path
 from .config import TRIT_METHODS, TritPlaneConfig
-from .converter import TensorConverter
+from .converter import TensorConverter, check_finite
 from .device import resolve_device
-from .errors import BadOptionError, OutputExistsError
+from .errors import BadOptionError, OutputExistsError, UnsupportedCheckpointError
 from .hessian_fit import DEFAULT_DAMP, DEFAULT_FEEDBACK
 from .packing import PackedTritPlanes
 from .progress import progress_bar
-from .selection import select_linears
+from .selection import DENSE, select_linears
 from .solver import TritPlanes
 
-PARTIAL_DIR = ".calib-partial"  # inside OUT: finished layers of an interrupted calibrated run
-_STATE_NAME = "state.json"
+_STATE_NAME = "state.json"  # in OUT/.calib-partial (`writer.PARTIAL_DIR`), beside the finished layers
 
 
 def _layer_file(partial, index: int):
@@ -74,14 +72,6 @@ def _load_layers(partial, group_size: int) -> dict[int, dict[str, TritPlanes]]:
     return done
 
 
-def _state(config: TritPlaneConfig, tokens: torch.Tensor, damp: float, model_dir, feedback: bool) -> dict:
-    """What a resumed calibrated run must share with the one it continues (OUT/.calib-partial/state.json)."""
-    return {"ptqtp_version": __version__, "config": config.to_dict(), "damp": damp, "feedback": feedback,
-            "model": str(model_dir),
-            "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
-            "tokens_shape": list(tokens.shape)}
-
-
 def _compute_dtype(model_dir, device: torch.device) -> torch.dtype:
     """float32 on CPU (CPU bf16 matmuls are slow and fp16 ones imprecise); the checkpoint's dtype on GPU."""
     if device.type == "cpu":
@@ -110,8 +100,9 @@ def quantize_checkpoint_calibrated(src, dst, config: TritPlaneConfig | None = No
     Returns:
         The report written to OUT/ptqtp_report.json, with a `calibration` entry added.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    t_start = time.perf_counter()
     config = config or TritPlaneConfig()
     if config.method not in TRIT_METHODS:
         raise BadOptionError(f"method {config.method!r} has no trit-planes to calibrate; with --calib use one of "
@@ -120,66 +111,78 @@ def quantize_checkpoint_calibrated(src, dst, config: TritPlaneConfig | None = No
         raise BadOptionError("--resume and --overwrite contradict each other; pass one of them.")
     if not damp > 0:
         raise BadOptionError(f"--calib-damp must be a number > 0, got {damp}; try 1.0.")
-    t_start = time.perf_counter()
     max_bytes = writer.parse_size(max_shard_size)
     device = resolve_device(config.device)
     source = loader.open_source(src, revision, config)
     src = source.path
     calib_path = resolve_calibration_path(calib)
-    out = pathlib.Path(dst)
-    partial = out / PARTIAL_DIR
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
-        raise OutputExistsError(f"{out} already exists; pass --resume to continue an interrupted run there, "
-                                "or --overwrite to replace it.")
-    if resume and not partial.is_dir():
-        if writer.has_interrupted_run(out):
-            raise OutputExistsError(f"{out} holds an interrupted run without --calib; resume it without --calib, "
-                                    "or pass --overwrite to start a calibrated run over.")
-        if writer.is_finished(out):  # the writer checks it and returns its report
-            return writer.write_checkpoint(source, out, config, TensorConverter(config, device), model_ref=src,
-                                           device=device, resume=True, max_shard_size=max_bytes,
-                                           show_progress=show_progress)
-    if overwrite and partial.is_dir():
-        shutil.rmtree(partial)
-
     tokenizer = AutoTokenizer.from_pretrained(src)
     tokens = load_calibration_tokens(calib_path, tokenizer, calib_samples, calib_seq_len)  # (n, seq_len)
-    state = _state(config, tokens, damp, src, feedback)
+    calibration = {"tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
+                   "tokens_shape": list(tokens.shape), "damp": damp, "feedback": feedback}
+
+    with writer.open_output(dst, source, config, resume=resume, overwrite=overwrite, max_shard_size=max_bytes,
+                            calibration=calibration, show_progress=show_progress) as run:
+        if run.finished:
+            return run.finished_report()
+        planes, calib_seconds = _calibrate(run, source, tokens, config, device, damp, feedback, show_progress,
+                                           t_start)
+        record = {"file": str(calib_path), "samples": calib_samples, "seq_len": calib_seq_len, "damp": damp,
+                  "feedback": feedback, "weighted_scales": True, "refit_scales": True, "act_order": feedback,
+                  "linears": len(planes), "calibration_seconds": round(calib_seconds, 2)}
+        return run.write(TensorConverter(config, device, planes), model_ref=src, device=device, t_start=t_start,
+                         extra={"calibration": record})  # its totals.wall_time_s: the whole run, from t_start
+
+
+def _calibrate(run, source, tokens, config, device, damp, feedback, show_progress, t_start):
+    """Calibrate every decoder layer not saved yet in OUT/.calib-partial (layers saved by an interrupted run of
+    the same source content and options are replayed); returns (weight name -> TritPlanes, seconds since
+    `t_start`)."""
+    from transformers import AutoModelForCausalLM
+
+    partial = run.path / writer.PARTIAL_DIR
+    state = {"fingerprint": run.fingerprint, "source_sha256": run.source_sha256("hash source")}
     done = {}
-    if resume and (partial / _STATE_NAME).is_file():
+    if (partial / _STATE_NAME).is_file():
         if json.loads((partial / _STATE_NAME).read_text()) != state:
-            raise OutputExistsError(f"{out} holds an interrupted calibrated run with other options or text; rerun "
-                                    "with the same options, or pass --overwrite to start over.")
+            raise OutputExistsError(f"{run.path} holds an interrupted calibrated run of another source, text or "
+                                    "options; rerun with the same ones, or pass --overwrite to start over.")
         done = _load_layers(partial, config.group_size)
     partial.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_json(partial / _STATE_NAME, state)
 
-    hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=_compute_dtype(src, device)).eval()
+    hf_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=_compute_dtype(source.path, device)).eval()
     prefix, layers = find_decoder_layers(hf_model)
-    n_linears = sum(len(select_linears(layer, config, f"{prefix}.{i}")) for i, layer in enumerate(layers))
-    bar = progress_bar(n_linears, show_progress, "calibrate", "tensor")
-    bar.update(sum(len(v) for v in done.values()))
+    linears = {name: m for i, layer in enumerate(layers) for name, m in select_linears(layer, config, f"{prefix}.{i}")}
+    _check_weights(source, linears)
+    work = {name: m.weight.numel() for name, m in linears.items()}
+    bar = progress_bar(len(linears), show_progress, "calibrate", "tensor", total_work=sum(work.values()))
+    bar.skip(sum(len(v) for v in done.values()), sum(work[n] for v in done.values() for n in v))
     try:
         planes = calibrate_model(hf_model, tokens, config, device=device, damp=damp, feedback=feedback, done=done,
                                  on_layer=lambda r: _save_layer(partial, r),
-                                 on_linear=lambda name: (bar.set_postfix_str(name[-40:], refresh=False),
-                                                         bar.update(1)))
+                                 on_linear=lambda name: bar.update(1, name, work[name]))
     finally:
         bar.close()
-    calib_seconds = time.perf_counter() - t_start
-    del hf_model
+    return {f"{name}.weight": tp for name, tp in planes.items()}, time.perf_counter() - t_start
 
-    # overwrite: the writer clears the files of any earlier run (directories, like PARTIAL_DIR, stay);
-    # otherwise OUT holds at least PARTIAL_DIR, and resume=True makes the writer start or continue in place.
-    planes = {f"{name}.weight": tp for name, tp in planes.items()}
-    report = writer.write_checkpoint(source, out, config, TensorConverter(config, device, planes), model_ref=src,
-                                     device=device, resume=not overwrite, overwrite=overwrite,
-                                     max_shard_size=max_bytes, show_progress=show_progress, precomputed=list(planes))
-    report["calibration"] = {"file": str(calib_path), "samples": calib_samples, "seq_len": calib_seq_len,
-                             "damp": damp, "feedback": feedback, "weighted_scales": True, "refit_scales": True,
-                             "act_order": feedback, "linears": len(planes),
-                             "calibration_seconds": round(calib_seconds, 2),
-                             "wall_seconds": round(time.perf_counter() - t_start, 2)}
-    writer.write_report(out, report)
-    shutil.rmtree(partial, ignore_errors=True)
-    return report
+
+def _check_weights(source, linears: dict) -> None:
+    """Before calibrating: calibration fits exactly the weights the checkpoint quantizes (a weight it would not
+    reach is never quietly solved without it, and no plane it computes goes unwritten), and they are finite."""
+    quantized = {t.name for t in source.tensors if t.action != DENSE}
+    fitted = {f"{name}.weight" for name in linears}
+    missing, extra = sorted(quantized - fitted), sorted(fitted - quantized)
+    if missing:
+        more = f" and {len(missing) - 1} more weights" if len(missing) > 1 else ""
+        raise UnsupportedCheckpointError(
+            f"calibration does not reach {missing[0]}{more}, which the checkpoint quantizes (the model names them "
+            "otherwise in memory, or holds them in no nn.Linear); quantize without --calib, or keep them dense "
+            "with --skip.")
+    if extra:
+        more = f" and {len(extra) - 1} more" if len(extra) > 1 else ""
+        raise UnsupportedCheckpointError(
+            f"calibration would fit {extra[0]}{more}, which the checkpoint does not store as a quantizable weight; "
+            "quantize without --calib.")
+    for name, linear in linears.items():
+        check_finite(linear.weight, f"{name}.weight")

@@ -27,7 +27,8 @@ import torch
 
 from . import format as fmt
 from .config import TritPlaneConfig
-from .errors import CorruptCheckpointError, DiskFullError, FormatVersionError, UnsupportedCheckpointError
+from .errors import (CorruptCheckpointError, DiskFullError, FormatVersionError, OutputNotWritableError,
+                     UnsupportedCheckpointError)
 
 SINGLE_SHARD_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -76,10 +77,29 @@ def _disk_full(path, e: OSError) -> DiskFullError:
                          "directory) and rerun with --resume.")
 
 
-def _raise_os(path, e: OSError):
+def raise_write_error(path, e: OSError):
+    """An OSError while writing `path`, as the one-line error users can act on (full disk, read-only output)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         raise _disk_full(path, e) from None
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        raise OutputNotWritableError(f"cannot write {path} ({e.strerror}); the output folder is read-only or not "
+                                     "yours: choose another -o directory.") from None
+    if e.errno == errno.ENOTDIR:
+        raise OutputNotWritableError(f"cannot write {path}: part of that path is a file, not a folder; choose "
+                                     "another -o directory.") from None
+    if e.errno == errno.EFBIG:
+        raise OutputNotWritableError(f"cannot write {path}: the file grows past what this filesystem or the "
+                                     "file-size limit (ulimit -f) allows; raise the limit, or pass a smaller "
+                                     "--max-shard-size.") from None
     raise e
+
+
+def make_dirs(path) -> None:
+    """`mkdir -p` for an output folder; a read-only or full parent is a one-line error."""
+    try:
+        pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise_write_error(path, e)
 
 
 def tmp_path_for(path: pathlib.Path) -> pathlib.Path:
@@ -96,9 +116,11 @@ def atomic_write_bytes(path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # Ctrl-C included: no temp file is left behind
         tmp.unlink(missing_ok=True)
-        _raise_os(path, e)
+        if isinstance(e, OSError):
+            raise_write_error(path, e)
+        raise
 
 
 def atomic_write_json(path, obj, *, sort_keys: bool = True) -> None:
@@ -151,7 +173,7 @@ class ShardWriter:
             self._put(self._prefix)
         except OSError as e:
             self._abort()
-            _raise_os(self.path, e)
+            raise_write_error(self.path, e)
         return self
 
     def _put(self, data) -> None:
@@ -167,28 +189,25 @@ class ShardWriter:
             self._put(memoryview(data))
         except OSError as e:
             self._abort()
-            _raise_os(self.path, e)
+            raise_write_error(self.path, e)
         self._next += 1
 
-    def copy_from_file(self, name: str, src, start: int, length: int, chunk: int = 1 << 24) -> None:
-        """Copy a tensor's bytes verbatim from another file in chunks: a dense tensor never enters memory whole."""
+    def copy_from_file(self, name: str, src, start: int, length: int, chunk: int = 1 << 24) -> str:
+        """Copy a tensor's bytes verbatim from another file in chunks (a dense tensor never enters memory
+        whole); returns their sha256, as `range_sha256` would."""
         spec = self.specs[self._next] if self._next < len(self.specs) else None
         if spec is None or spec.name != name or spec.nbytes != length:
             raise RuntimeError(f"shard writer got {name} ({length} bytes), planned {spec}")
+        digest = hashlib.sha256()
         try:
-            with open(src, "rb") as f:
-                f.seek(start)
-                left = length
-                while left:
-                    block = f.read(min(chunk, left))
-                    if not block:
-                        raise _corrupt(src, f"{name} ends early")
-                    self._put(block)
-                    left -= len(block)
+            for block in _blocks(src, start, length, name, chunk):
+                self._put(block)
+                digest.update(block)
         except OSError as e:
             self._abort()
-            _raise_os(self.path, e)
+            raise_write_error(self.path, e)
         self._next += 1
+        return digest.hexdigest()
 
     def sha256(self) -> str:
         return self._hash.hexdigest()
@@ -214,7 +233,7 @@ class ShardWriter:
             os.replace(self._tmp, self.path)
         except OSError as e:
             self._abort()
-            _raise_os(self.path, e)
+            raise_write_error(self.path, e)
         return False
 
 
@@ -246,6 +265,30 @@ def file_sha256(path) -> str:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def _blocks(path, start: int, length: int, name: str, chunk: int = 1 << 24):
+    """The bytes [start, start + length) of `path` in blocks; a file that ends early is corrupt."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = length
+        while left:
+            block = f.read(min(chunk, left))
+            if not block:
+                raise _corrupt(path, f"{name} ends early")
+            yield block
+            left -= len(block)
+
+
+def range_sha256(path, start: int, length: int, name: str = "data") -> str:
+    """sha256 of the bytes [start, start + length) of `path` (a tensor's data: what a resume compares)."""
+    h = hashlib.sha256()
+    try:
+        for block in _blocks(path, start, length, name):
+            h.update(block)
+    except OSError as e:
+        raise CorruptCheckpointError(f"cannot read {path} ({e.strerror}); check the file.") from None
     return h.hexdigest()
 
 
@@ -297,6 +340,10 @@ def read_header(path) -> ShardHeader:
     tensors, offsets, spans = {}, {}, []
     try:
         for name, info in header.items():
+            if isinstance(info, dict) and isinstance(info.get("dtype"), str) and info["dtype"] not in _TAG_DTYPES:
+                raise UnsupportedCheckpointError(
+                    f"{path}: tensor {name} has dtype {info['dtype']}, which this ptqtp (and torch "
+                    f"{torch.__version__}) cannot read; convert the checkpoint to bfloat16/float16/float32.")
             dtype = tag_dtype(info["dtype"])
             shape = tuple(int(d) for d in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
@@ -455,23 +502,46 @@ def validate_checkpoint(model_dir, *, deep: bool = False) -> CheckpointInfo:
         header = read_header(path)
         check_metadata_version(header)
         info.file_bytes += path.stat().st_size
-        scales = {n for n in header.tensors if n.endswith(fmt.SCALE_SUFFIX) or n.endswith("_scale")}
+        pairs = packed_pairs(header.tensors)
+        scales = set(pairs.values())
         for name, spec in header.tensors.items():
-            if name in scales:
-                continue
-            sname = scale_name(name)
-            if sname in header.tensors:
-                check_pair(path, name, spec, header.tensors[sname], config.group_size)
-                info.quantized[name] = (spec, header.tensors[sname])
+            if name in pairs:
+                check_pair(path, name, spec, header.tensors[pairs[name]], config.group_size)
+                info.quantized[name] = (spec, header.tensors[pairs[name]])
                 if deep:
-                    _deep_check(header, name, sname)
-            else:
+                    _deep_check(header, name, pairs[name])
+            elif name not in scales:
+                _check_unpaired(path, name, spec, header.tensors)
                 info.dense[name] = spec
-        orphans = [s for s in scales if not any(scale_name(n) == s for n in header.tensors)]
-        if orphans:
-            raise CorruptCheckpointError(f"{path}: {orphans[0]} has no packed weight beside it; the shard is "
-                                         "corrupt, quantize again.")
     return info
+
+
+def _plane_like(spec: TensorSpec, dtype: torch.dtype) -> bool:
+    """(2, out, x), or (E, 2, out, x) for fused experts, of `dtype`: packed planes (uint8) or scales (fp16)."""
+    return spec.dtype == dtype and len(spec.shape) in (3, 4) and spec.shape[-3] == fmt.NUM_PLANES
+
+
+def packed_pairs(tensors: dict[str, TensorSpec]) -> dict[str, str]:
+    """Packed tensor name -> its scales' name, for the pairs ptqtp writes: `X` beside `scale_name(X)` where
+    either looks like ptqtp's half (uint8 planes, float16 scales; `check_pair` then checks both). Dense
+    tensors whose names end in `_scale` (gemma4 `per_expert_scale`, deepseek `hc_scale`) never pair."""
+    return {n: scale_name(n) for n, spec in tensors.items() if scale_name(n) in tensors
+            and (_plane_like(spec, torch.uint8) or _plane_like(tensors[scale_name(n)], torch.float16))}
+
+
+def _check_unpaired(path, name: str, spec: TensorSpec, tensors: dict[str, TensorSpec]) -> None:
+    """Half of a ptqtp pair without the other half is damage: packed planes without scales, or float16
+    scales named after a packed tensor that is not there."""
+    if _plane_like(spec, torch.uint8) and name.endswith("." + fmt.WEIGHT_SUFFIX):
+        raise CorruptCheckpointError(f"{path}: {name} holds packed trit-planes but {scale_name(name)} is missing; "
+                                     "the shard is corrupt, quantize again.")
+    if name.endswith("." + fmt.SCALE_SUFFIX):  # a Linear's scales: (2, out, G)
+        base, dims = name[: -len(fmt.SCALE_SUFFIX)] + fmt.WEIGHT_SUFFIX, 3
+    else:  # fused experts' scales: (E, 2, out, G)
+        base, dims = name.removesuffix("_scale"), 4
+    if base != name and _plane_like(spec, torch.float16) and len(spec.shape) == dims and base not in tensors:
+        raise CorruptCheckpointError(f"{path}: {name} has no packed weight beside it; the shard is corrupt, "
+                                     "quantize again.")
 
 
 def _deep_check(header: ShardHeader, name: str, sname: str) -> None:

@@ -17,7 +17,7 @@ from . import format as fmt
 from . import selection
 from .baselines import fake_quantize_int
 from .config import INT_BASELINES, TritPlaneConfig
-from .errors import BadOptionError, NonFiniteWeightError
+from .errors import BadOptionError, NonFiniteWeightError, UnsupportedCheckpointError
 from .packing import PackedTritPlanes, expand_scales
 from .solver import TritPlanes, decompose
 
@@ -31,17 +31,25 @@ class TensorConverter:
     Args:
         config: method, group size and solver settings.
         device: where the solve runs.
-        planes: tensor name -> `TritPlanes` computed beforehand (calibrated mode); those weights are packed
-            as given instead of solved.
+        planes: tensor name -> `TritPlanes` computed beforehand (calibrated mode): every weight is packed as
+            given, and one without planes is an error naming it (never solved without its calibration).
+            None: calibration-free, every weight is solved here.
     """
 
     def __init__(self, config: TritPlaneConfig, device: torch.device, planes: dict[str, TritPlanes] | None = None):
-        self.config, self.device, self.planes = config, device, planes or {}
+        self.config, self.device, self.planes = config, device, planes
 
     def __call__(self, src) -> tuple[list[tuple[str, torch.Tensor]], dict]:
         config, device = self.config, self.device
         t0 = time.perf_counter()
-        if src.action == selection.QUANTIZE and config.method not in INT_BASELINES and src.name not in self.planes:
+        given = None
+        if self.planes is not None and src.action != selection.DENSE:
+            given = self.planes.get(src.name)
+            if given is None or src.action != selection.QUANTIZE:
+                raise UnsupportedCheckpointError(
+                    f"calibration computed no trit-planes for {src.name}, which the checkpoint quantizes; "
+                    "quantize without --calib, or keep it dense with --skip.")
+        if src.action == selection.QUANTIZE and config.method not in INT_BASELINES and given is None:
             packed, scales, err, iters = _quantize_by_rows(src, device, config)
             row = _row(src, err, iters, time.perf_counter() - t0)
             return [(src.name, packed), (ckpt.scale_name(src.name), scales)], row
@@ -49,7 +57,7 @@ class TensorConverter:
         w = t.to(device=device, dtype=torch.float32)  # (out, in) or (E, out, in)
         del t
         if config.method in INT_BASELINES:
-            _check_finite(w, src.name)
+            check_finite(w, src.name)
             bits = INT_BASELINES[config.method]
             q = (fake_quantize_int(w, bits, config.group_size) if w.dim() == 2 else  # fused experts: per expert
                  torch.stack([fake_quantize_int(w[e], bits, config.group_size) for e in range(w.shape[0])]))
@@ -57,7 +65,7 @@ class TensorConverter:
             row = _row(src, err, 0.0, time.perf_counter() - t0)
             return [(src.name, q.to(device="cpu", dtype=src.dtype).reshape(src.shape))], row
         if src.action == selection.QUANTIZE:
-            packed, scales, err, iters = _quantize_matrix(w, src.name, config, self.planes)
+            packed, scales, err, iters = _quantize_matrix(w, src.name, config, given)
         else:  # fused experts: each (out, in) slice is its own Linear
             parts = [_quantize_matrix(w[e], f"{src.name}[expert {e}]", config) for e in range(w.shape[0])]
             packed = torch.stack([p[0] for p in parts])  # (E, 2, out, nb)
@@ -70,9 +78,9 @@ class TensorConverter:
         return [(src.name, packed), (ckpt.scale_name(src.name), scales)], row
 
 
-def _quantize_matrix(w: torch.Tensor, name: str, config: TritPlaneConfig, planes=None):
-    """(packed uint8 (2, out, nb), scales fp16 (2, out, G), relative error, iterations) of one (out, in) weight."""
-    tp = planes.get(name) if planes else None  # precomputed by calibrated mode (--calib)
+def _quantize_matrix(w: torch.Tensor, name: str, config: TritPlaneConfig, tp: TritPlanes | None = None):
+    """(packed uint8 (2, out, nb), scales fp16 (2, out, G), relative error, iterations) of one (out, in) weight;
+    `tp`: its planes computed beforehand (calibrated mode), else solved here."""
     if tp is None:
         tp = decompose(w, config.group_size, config.method, config.max_iters, config.tol, name=name)
     elif tuple(tp.planes.shape) != (2, *w.shape) or tp.group_size != config.group_size:
@@ -119,7 +127,8 @@ def _quantize_by_rows(src, device: torch.device, config: TritPlaneConfig):
     return packed, scales, math.sqrt(err2 / ref2) if ref2 else 0.0, iters / out_f
 
 
-def _check_finite(w: torch.Tensor, name: str) -> None:
+def check_finite(w: torch.Tensor, name: str) -> None:
+    """A weight with NaN or Inf is a corrupt checkpoint: refuse it by name (the solvers check their own)."""
     if not bool(torch.isfinite(w).all()):
         raise NonFiniteWeightError(f"weight {name!r} holds NaN or Inf values; the checkpoint is corrupt: fix it "
                                    "or keep this layer dense with --skip.")

@@ -43,6 +43,14 @@ class DiskFullError(PtqtpError, OSError):
     """Writing the output ran out of space."""
 
 
+class OutputNotWritableError(PtqtpError, OSError):
+    """The output directory cannot be written (read-only filesystem, no permission)."""
+
+
+class OutputBusyError(PtqtpError):
+    """Another ptqtp run holds the lock on the output directory."""
+
+
 class NoBackendError(PtqtpError, RuntimeError):
     """No kernel backend can run the requested op; the message lists every backend's reason."""
 

@@ -1,36 +1,43 @@
-"""The output directory of `ptqtp quantize`: shard plan, streaming writes, resume, index, config.json, report.
+"""The output directory of `ptqtp quantize`: who may write it, shard plan, streaming writes, resume, index,
+config.json, report.
 
-Both drivers hand their tensors to `write_checkpoint`: the calibration-free `pipeline` and the calibrated
-`calibrated`, each with a converter that turns one source tensor into the tensors stored for it. This module
-decides everything about OUT and nothing about how a weight is solved: it imports `checkpoint` (safetensors
-files, atomic writes), `config`, `format`, `selection`, `progress`, `errors` and `_version`; never `solver`,
-`packing`, a driver, or transformers.
+Both drivers write through `open_output`: the calibration-free `pipeline` (via `write_checkpoint`) and the
+calibrated `calibrated`, each with a converter that turns one source tensor into the tensors stored for it.
+This module decides everything about OUT and nothing about how a weight is solved: it imports `checkpoint`
+(safetensors files, atomic writes, content hashes), `lock`, `report`, `config`, `format`, `selection`,
+`progress`, `errors` and `_version`; never `solver`, `packing`, a driver, or transformers.
 
 How it stays within memory: output shards are planned up front from the tensor headers (names, dtypes and
 shapes are known before any data is read), so every shard's header is written first and tensors stream into
 it one at a time. Peak memory is about one source tensor and its float32 working copies, whatever the model.
 
-How it resumes: after each shard is renamed into place, `ptqtp_manifest.json` records its size and sha256
-(and its report rows). `--resume` checks that the manifest was made with the same fingerprint (source file
-names and sizes, options, planned shards, ptqtp version), skips every shard whose file still matches, and
-redoes the rest. Every output byte depends only on the source and the options, so an interrupted-then-resumed
-run gives the same files as an uninterrupted one (the timings in `ptqtp_report.json` aside). The manifest is
-removed when the run completes. The fingerprint and every resume decision live here (`fingerprint`,
-`_prepare_output`, `has_interrupted_run`, `is_finished`, `_already_complete`).
+Whose directory it is: a run holds OUT's lock (`lock.OutputLock`) from its first write to its last, and
+touches only a directory that is empty, holds a ptqtp run it may continue, or that `--overwrite` hands it;
+anything else (a dense model, someone's files) is refused before a byte changes (`run_state`, `_admit`).
+
+How it resumes only what this run made: after each shard is renamed into place, `ptqtp_manifest.json`
+records its size and sha256, its report rows, and the sha256 of every source tensor it was made from.
+`--resume` checks that the manifest was made with the same fingerprint (options, planned shards, the
+source's config and tokenizer files, calibration, ptqtp version), hashes the source tensors of every shard
+already done and compares them (content, never names or sizes), then skips those shards and redoes the
+rest. A finished run records the hash of all its source tensors in `ptqtp_report.json`, so resuming it is a
+no-op only for the same content. Hashing costs one pass over bytes the run reads anyway, right after reading
+them (page cache). Every output byte depends only on the source and the options, so an interrupted-then-
+resumed run gives the same files as an uninterrupted one (the timings in `ptqtp_report.json` aside).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import pathlib
 import re
-import resource
-import sys
+import shutil
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -39,13 +46,23 @@ from . import format as fmt
 from . import selection
 from ._version import __version__
 from .config import BASELINE_KEY, INT_BASELINES, TritPlaneConfig
-from .errors import BadOptionError, OutputExistsError
+from .errors import BadOptionError, OutputExistsError, UnsupportedCheckpointError
+from .lock import LOCK_NAME, OutputLock
 from .progress import progress_bar
+from .report import build_report, format_summary, write_report
 
 MANIFEST_NAME = "ptqtp_manifest.json"
+PARTIAL_DIR = ".calib-partial"  # calibrated mode's finished layers: written by `calibrated`, removed here
 # Non-weight files copied from the source: configs, tokenizer, chat template, remote code.
 _COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
 _NOT_COPIED = {ckpt.CONFIG_NAME, ckpt.INDEX_NAME, MANIFEST_NAME, ckpt.REPORT_NAME}
+
+# What OUT holds (`run_state`).
+EMPTY = "empty"  # nothing, or only what a run killed before its first shard left (lock, temp files)
+CALIBRATING = "calibrating"  # an interrupted calibrated run (its PARTIAL_DIR, perhaps a manifest)
+INTERRUPTED = "interrupted"  # an interrupted run (its manifest)
+FINISHED = "finished"  # a finished run (config.json and report, no manifest)
+FOREIGN = "foreign"  # anything else: not ptqtp's to resume
 
 # One source tensor -> ([(output name, tensor)] in plan order, report row); called for every tensor not copied.
 Converter = Callable[..., tuple[list[tuple[str, torch.Tensor]], dict]]
@@ -109,11 +126,21 @@ def plan_shards(tensors: list, config: TritPlaneConfig, max_shard_bytes: int) ->
     """Greedy, deterministic split into shards of at most `max_shard_bytes` (a larger single tensor gets its own).
 
     A packed weight and its scales always share a shard. Names follow transformers: `model.safetensors`, or
-    `model-00001-of-0000N.safetensors`.
+    `model-00001-of-0000N.safetensors`. A source tensor named like the scales ptqtp writes beside a quantized
+    weight is refused: the output would hold two tensors of that name.
     """
     shards: list[Shard] = [Shard("")]
+    made: dict[str, str] = {}  # output name -> the source tensor it comes from
     for t in tensors:
         p = PlannedTensor(t, output_specs(t, config))
+        for spec in p.outputs:
+            if spec.name in made:
+                first, second = sorted({made[spec.name], t.name})
+                quantized = next(x for x in (first, second) if ckpt.scale_name(x) == spec.name)
+                raise UnsupportedCheckpointError(
+                    f"the source stores {spec.name}, the name ptqtp gives the scales of {quantized}; keep that "
+                    f"Linear dense with --skip '{re.escape(quantized.removesuffix('.' + fmt.WEIGHT_SUFFIX))}$'.")
+            made[spec.name] = t.name
         if shards[-1].tensors and shards[-1].nbytes + p.nbytes > max_shard_bytes:
             shards.append(Shard(""))
         shards[-1].tensors.append(p)
@@ -123,65 +150,72 @@ def plan_shards(tensors: list, config: TritPlaneConfig, max_shard_bytes: int) ->
     return shards
 
 
-# ---------------------------------------------------------------------------------------------- resume
+# ---------------------------------------------------------------------------------------------- whose OUT
 
 
-def fingerprint(sources: list, config: TritPlaneConfig, shards: list[Shard], precomputed: list[str]) -> str:
-    """What a resumed run must share with the run it continues: source file names and sizes, options, plan,
-    the names of precomputed (calibrated) weights, ptqtp version."""
-    files = sorted({(t.file.name, t.file.stat().st_size) for t in sources})
+def fingerprint(config: TritPlaneConfig, shards: list[Shard], src: pathlib.Path, hf_config: dict,
+                calibration: dict | None = None) -> str:
+    """What a resumed run must share with the run it continues, besides the content of the source tensors
+    (checked shard by shard): options, plan, the source's config and copied files, calibration, ptqtp version."""
     state = {
         "ptqtp_version": __version__,
-        "config": {k: v for k, v in config.to_dict().items()},
-        "source_files": files,
-        "precomputed_planes": precomputed,
+        "config": config.to_dict(),
         "plan": [[s.name, [[x.name, str(x.dtype), list(x.shape)] for x in s.specs]] for s in shards],
+        "source_config": hf_config,
+        "source_files": {name: ckpt.file_sha256(src / name) for name in _aux_names(src)},
+        "calibration": calibration,
     }
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
 
-def has_interrupted_run(out: pathlib.Path) -> bool:
-    """OUT holds an interrupted run of this writer (its manifest)."""
-    return (out / MANIFEST_NAME).is_file()
+def run_state(out: pathlib.Path) -> str:
+    """What OUT holds: EMPTY, CALIBRATING, INTERRUPTED, FINISHED or FOREIGN (reads names only)."""
+    if not out.is_dir():
+        return EMPTY
+    names = {p.name for p in out.iterdir() if p.name != LOCK_NAME and ckpt.TMP_MARK not in p.name}
+    if not names:
+        return EMPTY
+    if PARTIAL_DIR in names:
+        return CALIBRATING
+    if MANIFEST_NAME in names:
+        return INTERRUPTED
+    if ckpt.CONFIG_NAME in names and ckpt.REPORT_NAME in names:
+        return FINISHED
+    return FOREIGN
 
 
-def is_finished(out: pathlib.Path) -> bool:
-    """OUT holds a finished run: its config.json and report are written last."""
-    return (out / ckpt.CONFIG_NAME).is_file() and (out / ckpt.REPORT_NAME).is_file()
-
-
-def _prepare_output(out: pathlib.Path, src: pathlib.Path, resume: bool, overwrite: bool) -> dict | None:
-    """Create or check OUT; returns the manifest to resume from (None for a fresh start)."""
-    if out.resolve() == src.resolve():
-        raise BadOptionError(f"the output {out} is the source folder; choose another -o directory.")
-    if resume and overwrite:
-        raise BadOptionError("--resume and --overwrite contradict each other; pass one of them.")
-    manifest_path = out / MANIFEST_NAME
+def _admit(out: pathlib.Path, calibrated: bool, resume: bool, overwrite: bool) -> str:
+    """OUT's state, after refusing what this run may not touch; writes nothing."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is a file; choose another -o directory.")
-    if out.is_dir() and any(out.iterdir()):
-        if overwrite:
-            _clear_output(out, src)
-        elif resume:
-            if manifest_path.is_file():
-                try:
-                    return json.loads(manifest_path.read_text())
-                except ValueError:
-                    return None  # a manifest cut short by a crash: start over in place
-            return None
-        else:
-            raise OutputExistsError(f"{out} already exists; pass --resume to continue an interrupted run there, "
-                                    "or --overwrite to replace it.")
-    out.mkdir(parents=True, exist_ok=True)
-    return None
+    state = run_state(out)
+    if overwrite or not out.is_dir() or not any(p.name != LOCK_NAME for p in out.iterdir()):
+        return state
+    if not resume:
+        raise OutputExistsError(f"{out} already exists; pass --resume to continue an interrupted run there, "
+                                "or --overwrite to replace it.")
+    if state == FOREIGN:
+        raise OutputExistsError(f"{out} holds no ptqtp run to resume (neither {MANIFEST_NAME} nor "
+                                f"{ckpt.REPORT_NAME}); choose another -o directory, or pass --overwrite to replace "
+                                "the model files in it.")
+    if state == CALIBRATING and not calibrated:
+        raise OutputExistsError(f"{out} holds an interrupted calibrated run; resume it with the same --calib "
+                                "options, or pass --overwrite to start over.")
+    if state == INTERRUPTED and calibrated:
+        raise OutputExistsError(f"{out} holds an interrupted run without --calib; resume it without --calib, or "
+                                "pass --overwrite to start a calibrated run over.")
+    return state
 
 
 def _clear_output(out: pathlib.Path, src: pathlib.Path) -> None:
-    """Remove what a previous ptqtp run left (shards, index, config, report, copies, temp files); keep the rest."""
-    copied = {p.name for p in src.iterdir() if p.is_file() and p.name.endswith(_COPY_SUFFIXES)}
+    """Remove what a previous ptqtp run left (shards, index, config, report, copies, temp files, calibrated
+    layers); keep the rest."""
+    copied = set(_aux_names(src))
     for p in out.iterdir():
-        if p.is_file() and (p.name.endswith(".safetensors") or ckpt.TMP_MARK in p.name
-                            or p.name in _NOT_COPIED or p.name in copied):
+        if p.name == PARTIAL_DIR and p.is_dir():
+            shutil.rmtree(p)
+        elif p.is_file() and (p.name.endswith(".safetensors") or ckpt.TMP_MARK in p.name
+                              or p.name in _NOT_COPIED or p.name in copied):
             p.unlink()
 
 
@@ -191,117 +225,248 @@ def _remove_temps(out: pathlib.Path) -> None:
             p.unlink(missing_ok=True)
 
 
-def _shard_is_done(out: pathlib.Path, entry: dict | None) -> bool:
-    if not entry:
+def _shard_is_done(out: pathlib.Path, entry) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("sources"), dict):
         return False
-    path = out / entry["name"]
-    return path.is_file() and path.stat().st_size == entry["size"] and ckpt.file_sha256(path) == entry["sha256"]
+    path = out / str(entry.get("name"))
+    return path.is_file() and path.stat().st_size == entry.get("size") and ckpt.file_sha256(path) == entry.get("sha256")
 
 
-def _already_complete(out: pathlib.Path, fp: str, show_progress: bool) -> dict:
-    """`--resume` on a finished directory: check it and return its report instead of redoing the work."""
-    if "quantization_config" in ckpt.read_hf_config(out):
-        ckpt.validate_checkpoint(out)
-    report = json.loads((out / ckpt.REPORT_NAME).read_text())
-    if report.get("fingerprint") != fp:
-        raise OutputExistsError(f"{out} holds a finished run of another model or other options; pass --overwrite "
-                                "to replace it.")
-    if show_progress:
-        print(f"{out} is already complete; nothing to resume.")
-    return report
+def tensor_sha256(t) -> str:
+    """sha256 of a source tensor's bytes (`loader.SourceTensor`)."""
+    begin, end = t.data_range
+    return ckpt.range_sha256(t.file, begin, end - begin, t.name)
 
 
-# ---------------------------------------------------------------------------------------------- the run
+def _combined_sha256(digests: list[tuple[str, str]]) -> str:
+    return hashlib.sha256(json.dumps(digests).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def open_output(out, source, config: TritPlaneConfig, *, resume: bool = False, overwrite: bool = False,
+                max_shard_size="5GB", calibration: dict | None = None,
+                show_progress: bool = True) -> Iterator["Output"]:
+    """OUT, checked and locked for one run: `with open_output(...) as run:` then `run.write(...)`, or return
+    `run.finished_report()` when `run.finished` (a finished run resumed).
+
+    Args:
+        out: output directory; refused if it holds anything, unless `resume` (it must then hold a ptqtp run
+            of this mode, or nothing) or `overwrite` (what a ptqtp run writes is removed, the rest kept).
+        source: the checked source folder (`loader.Source`).
+        config: the options (recorded in config.json, the report and the fingerprint).
+        max_shard_size: largest output shard, e.g. "5GB", "500MB" or a byte count.
+        calibration: what calibrated mode fits to (its text and settings), None for calibration-free; part
+            of the fingerprint.
+        show_progress: progress bars on stderr, a summary table on stdout.
+    """
+    out = pathlib.Path(out)
+    if resume and overwrite:
+        raise BadOptionError("--resume and --overwrite contradict each other; pass one of them.")
+    if out.resolve() == source.path.resolve():
+        raise BadOptionError(f"the output {out} is the source folder; choose another -o directory.")
+    run = Output(out, source, config, parse_size(max_shard_size), calibration, show_progress)
+    _admit(out, calibration is not None, resume, overwrite)  # refuse before the first write
+    try:
+        ckpt.make_dirs(out)
+        lock = OutputLock(out).__enter__()
+    except OSError as e:
+        ckpt.raise_write_error(out, e)
+    try:
+        state = _admit(out, calibration is not None, resume, overwrite)  # what it holds now that it is ours
+        if state == FINISHED and not overwrite:
+            run.finished = True
+        elif state in (INTERRUPTED, CALIBRATING) and not overwrite:
+            run.continue_from_manifest()
+        try:
+            if overwrite:
+                _clear_output(out, source.path)
+            elif not run.finished:
+                _remove_temps(out)
+        except OSError as e:
+            ckpt.raise_write_error(out, e)
+        yield run
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def write_checkpoint(source, out, config: TritPlaneConfig, convert: Converter, *, model_ref, device: torch.device,
                      resume: bool = False, overwrite: bool = False, max_shard_size="5GB",
-                     show_progress: bool = True, precomputed: list[str] = (), t_start: float | None = None) -> dict:
-    """Write OUT from `source` (a `loader.Source`): shards, copied files, index, config.json, report.
+                     show_progress: bool = True, t_start: float | None = None) -> dict:
+    """Write OUT from `source` in one call (`open_output`, then `Output.write`); returns the report."""
+    with open_output(out, source, config, resume=resume, overwrite=overwrite, max_shard_size=max_shard_size,
+                     show_progress=show_progress) as run:
+        if run.finished:
+            return run.finished_report()
+        return run.write(convert, model_ref=model_ref, device=device, t_start=t_start)
 
-    Args:
-        source: the checked source folder, its config.json and its classified tensors.
-        out: output directory; refused if it exists, unless `resume` or `overwrite`.
-        config: the options (recorded in config.json, the report and the fingerprint).
-        convert: source tensor -> ([(name, tensor)] in plan order, report row), for every tensor not copied
-            verbatim (dense tensors are copied byte for byte, in chunks).
-        model_ref: MODEL as the user gave it, for the report.
-        device: where the converter solves (for the report and CUDA peak memory).
-        resume, overwrite: see `_prepare_output`.
-        max_shard_size: largest output shard, e.g. "5GB", "500MB" or a byte count.
-        show_progress: a progress bar over tensors on stderr and a summary table on stdout.
-        precomputed: names of the weights whose trit-planes were computed beforehand (calibrated mode).
-        t_start: `time.perf_counter()` when the run began (default: now).
-    Returns:
-        The report also written to `out/ptqtp_report.json`.
-    """
-    t_start = time.perf_counter() if t_start is None else t_start
-    max_bytes = parse_size(max_shard_size)
-    src, sources = source.path, source.tensors
-    out = pathlib.Path(out)
-    shards = plan_shards(sources, config, max_bytes)
-    fp = fingerprint(sources, config, shards, sorted(precomputed))
-    manifest = _prepare_output(out, src, resume, overwrite)
-    if resume and manifest is None and is_finished(out):
-        return _already_complete(out, fp, show_progress)
-    if manifest is not None and manifest.get("fingerprint") != fp:
-        raise OutputExistsError(f"{out} holds an interrupted run of another model or other options; rerun with "
-                                "the same options, or pass --overwrite to start over.")
-    manifest = {"fingerprint": fp, "shards": (manifest or {}).get("shards", {})}
-    _remove_temps(out)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
-    bar = progress_bar(len(sources), show_progress, "quantize", "tensor")
-    rows: list[dict] = []
-    resumed = 0
-    try:
-        for shard in shards:
-            entry = manifest["shards"].get(shard.name)
-            if _shard_is_done(out, entry):
-                rows.extend(entry["rows"])
-                resumed += 1
-                bar.update(len(shard.tensors))
-                continue
-            shard_rows = []
-            with ckpt.ShardWriter(out / shard.name, shard.specs, _shard_metadata(config)) as shard_file:
-                for pt in shard.tensors:
-                    src_t = pt.source
-                    bar.set_postfix_str(src_t.module[-40:], refresh=False)
-                    if src_t.action == selection.DENSE:  # bytes copied as they are, in chunks
-                        begin, end = src_t.data_range
-                        shard_file.copy_from_file(src_t.name, src_t.file, begin, end - begin)
-                    else:
-                        tensors, row = convert(src_t)
-                        for name, tensor in tensors:
-                            shard_file.write(name, tensor)
-                        del tensors
-                        shard_rows.append(row)
-                    bar.update(1)
-            manifest["shards"][shard.name] = {"name": shard.name, "size": shard_file.size,
-                                              "sha256": shard_file.sha256(), "rows": shard_rows}
-            ckpt.atomic_write_json(out / MANIFEST_NAME, manifest)
-            rows.extend(shard_rows)
-    finally:
-        bar.close()
+class Output:
+    """One run's OUT, planned and fingerprinted; made by `open_output`, which holds its lock."""
 
-    _copy_aux_files(src, out)
-    if len(shards) > 1:
-        weight_map = {s.name: shard.name for shard in shards for s in shard.specs}
-        total = sum(s.nbytes for shard in shards for s in shard.specs)
-        ckpt.atomic_write_json(out / ckpt.INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-    report = _report(src, model_ref, out, sources, shards, rows, config, device, resumed, t_start, fp)
-    write_report(out, report)
-    ckpt.atomic_write_json(out / ckpt.CONFIG_NAME, _output_config(source.hf_config, sources, config))
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    if show_progress:
-        print(format_summary(report))
-    return report
+    def __init__(self, path: pathlib.Path, source, config: TritPlaneConfig, max_bytes: int,
+                 calibration: dict | None, show_progress: bool):
+        self.path, self.source, self.config = path, source, config
+        self.calibration, self.show_progress = calibration, show_progress
+        self.shards = plan_shards(source.tensors, config, max_bytes)
+        self.fingerprint = fingerprint(config, self.shards, source.path, source.hf_config, calibration)
+        self.finished = False  # OUT holds this run, finished (resume: check it with `finished_report`)
+        self._done: dict[str, dict] = {}  # shard name -> manifest entry, verified against the source
+        self._digests: dict[str, str] = {}  # source tensor name -> sha256 of its bytes
+
+    # -- the source's content
+
+    def _sha256_all(self, tensors: list, desc: str) -> None:
+        """Hash the source tensors not hashed yet (a bar over their bytes)."""
+        todo = [t for t in tensors if t.name not in self._digests]
+        if not todo:
+            return
+        bar = progress_bar(len(todo), self.show_progress, desc, "tensor",
+                           total_work=sum(t.data_range[1] - t.data_range[0] for t in todo))
+        try:
+            for t in todo:
+                self._digests[t.name] = tensor_sha256(t)
+                bar.update(1, t.name, t.data_range[1] - t.data_range[0])
+        finally:
+            bar.close()
+
+    def source_sha256(self, desc: str = "verify source") -> str:
+        """sha256 over every source tensor's bytes, in plan order: what the run read, by content."""
+        tensors = [p.source for shard in self.shards for p in shard.tensors]
+        self._sha256_all(tensors, desc)
+        return _combined_sha256([[t.name, self._digests[t.name]] for t in tensors])
+
+    # -- resume
+
+    def continue_from_manifest(self) -> None:
+        """Take over the verified shards of an interrupted run (none when it wrote no shard yet)."""
+        path = self.path / MANIFEST_NAME
+        if not path.is_file():
+            return
+        try:
+            manifest = json.loads(path.read_text())
+            entries = manifest["shards"]
+            if not isinstance(entries, dict):
+                raise TypeError("shards is not an object")
+        except (ValueError, KeyError, TypeError) as e:
+            raise OutputExistsError(f"{path} is unreadable ({e}); pass --overwrite to start over.") from None
+        if manifest.get("fingerprint") != self.fingerprint:
+            raise OutputExistsError(f"{self.path} holds an interrupted run of another model or other options; "
+                                    "rerun with the same options, or pass --overwrite to start over.")
+        done = {s.name: entries[s.name] for s in self.shards if _shard_is_done(self.path, entries.get(s.name))}
+        sources = [p.source for s in self.shards if s.name in done for p in s.tensors]
+        self._sha256_all(sources, "verify source")
+        for shard in self.shards:
+            for p in shard.tensors if shard.name in done else ():
+                if done[shard.name]["sources"].get(p.source.name) != self._digests[p.source.name]:
+                    raise OutputExistsError(
+                        f"{self.path} holds an interrupted run of another source: {p.source.name} of "
+                        f"{self.source.path} differs from the tensor that run read; resume with that source, or "
+                        "pass --overwrite to start over.")
+        self._done = done
+
+    def finished_report(self) -> dict:
+        """`--resume` on a finished run: check that it is this run (options and source content) and return its
+        report instead of redoing the work."""
+        out = self.path
+        if "quantization_config" in ckpt.read_hf_config(out):
+            ckpt.validate_checkpoint(out)
+        try:
+            report = json.loads((out / ckpt.REPORT_NAME).read_text())
+        except (OSError, ValueError) as e:
+            raise OutputExistsError(f"{out / ckpt.REPORT_NAME} is unreadable ({e}); pass --overwrite to quantize "
+                                    "again.") from None
+        if report.get("fingerprint") != self.fingerprint:
+            raise OutputExistsError(f"{out} holds a finished run of another model or other options; pass "
+                                    "--overwrite to replace it.")
+        if report.get("source_sha256") != self.source_sha256():
+            raise OutputExistsError(f"{out} holds a finished run of a model with the tensor names and shapes of "
+                                    f"{self.source.path} but other weights; pass --overwrite to replace it.")
+        if self.show_progress:
+            print(f"{out} is already complete; nothing to resume.")
+        return report
+
+    # -- the run
+
+    def write(self, convert: Converter, *, model_ref, device: torch.device, t_start: float | None = None,
+              extra: dict | None = None) -> dict:
+        """Stream every shard not done yet, then the copied files, index, report and config.json.
+
+        Args:
+            convert: source tensor -> ([(name, tensor)] in plan order, report row), for every tensor not copied
+                verbatim (dense tensors are copied byte for byte, in chunks).
+            model_ref: MODEL as the user gave it, for the report.
+            device: where the converter solves (for the report and CUDA peak memory).
+            t_start: `time.perf_counter()` when the run began (default: now); the report's time runs from it.
+            extra: entries added to the report (calibrated mode's `calibration`).
+        Returns:
+            The report also written to `out/ptqtp_report.json`.
+        """
+        t_start = time.perf_counter() if t_start is None else t_start
+        out, src, sources = self.path, self.source.path, self.source.tensors
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        work = {t.name: 0 if t.action == selection.DENSE else math.prod(t.shape) for t in sources}
+        bar = progress_bar(len(sources), self.show_progress, "write" if self.calibration else "quantize", "tensor",
+                           total_work=sum(work.values()))
+        manifest = {"fingerprint": self.fingerprint, "shards": dict(self._done)}
+        rows: list[dict] = []
+        try:
+            for shard in self.shards:
+                if shard.name in self._done:
+                    rows.extend(self._done[shard.name]["rows"])
+                    bar.skip(len(shard.tensors), sum(work[p.source.name] for p in shard.tensors))
+                    continue
+                shard_rows = []
+                with ckpt.ShardWriter(out / shard.name, shard.specs, _shard_metadata(self.config)) as shard_file:
+                    for pt in shard.tensors:
+                        t = pt.source
+                        if t.action == selection.DENSE:  # bytes copied as they are, in chunks
+                            begin, end = t.data_range
+                            self._digests[t.name] = shard_file.copy_from_file(t.name, t.file, begin, end - begin)
+                        else:
+                            tensors, row = convert(t)
+                            for name, tensor in tensors:
+                                shard_file.write(name, tensor)
+                            del tensors
+                            shard_rows.append(row)
+                            if t.name not in self._digests:  # its bytes were just read: in the page cache
+                                self._digests[t.name] = tensor_sha256(t)
+                        bar.update(1, t.module, work[t.name])
+                manifest["shards"][shard.name] = {
+                    "name": shard.name, "size": shard_file.size, "sha256": shard_file.sha256(), "rows": shard_rows,
+                    "sources": {p.source.name: self._digests[p.source.name] for p in shard.tensors}}
+                ckpt.atomic_write_json(out / MANIFEST_NAME, manifest)
+                rows.extend(shard_rows)
+        finally:
+            bar.close()
+
+        digests = [[p.source.name, manifest["shards"][s.name]["sources"][p.source.name]]
+                   for s in self.shards for p in s.tensors]
+        _copy_aux_files(src, out)
+        if len(self.shards) > 1:
+            weight_map = {s.name: shard.name for shard in self.shards for s in shard.specs}
+            total = sum(s.nbytes for shard in self.shards for s in shard.specs)
+            ckpt.atomic_write_json(out / ckpt.INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        report = build_report(src, model_ref, out, sources, self.shards, rows, self.config, device,
+                              len(self._done), t_start, self.fingerprint, _combined_sha256(digests))
+        report.update(extra or {})
+        write_report(out, report)
+        ckpt.atomic_write_json(out / ckpt.CONFIG_NAME, _output_config(self.source.hf_config, sources, self.config))
+        shutil.rmtree(out / PARTIAL_DIR, ignore_errors=True)
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # last: until now a crash leaves a resumable run
+        if self.show_progress:
+            print(format_summary(report))
+        return report
+
+
+def _aux_names(src: pathlib.Path) -> list[str]:
+    """The source's files copied into OUT as they are (configs, tokenizer, chat template, remote code)."""
+    return sorted(p.name for p in src.iterdir() if p.is_file() and p.name.endswith(_COPY_SUFFIXES)
+                  and p.name not in _NOT_COPIED and not p.name.endswith(".safetensors.index.json"))
 
 
 def _copy_aux_files(src: pathlib.Path, out: pathlib.Path) -> list[str]:
-    names = sorted(p.name for p in src.iterdir() if p.is_file() and p.name.endswith(_COPY_SUFFIXES)
-                   and p.name not in _NOT_COPIED and not p.name.endswith(".safetensors.index.json"))
+    names = _aux_names(src)
     for name in names:
         ckpt.atomic_write_bytes(out / name, (src / name).read_bytes())
     return names
@@ -325,80 +490,3 @@ def _output_config(hf_config: dict, sources: list, config: TritPlaneConfig) -> d
     keep = tuple(dict.fromkeys([*config.modules_to_not_convert, *sorted(dense, key=ckpt.natural_key)]))
     cfg["quantization_config"] = config.replace(modules_to_not_convert=keep).to_dict()
     return cfg
-
-
-# ---------------------------------------------------------------------------------------------- the report
-
-
-def write_report(out, report: dict) -> None:
-    """OUT/ptqtp_report.json (sorted keys, atomic)."""
-    ckpt.atomic_write_json(pathlib.Path(out) / ckpt.REPORT_NAME, report)
-
-
-def peak_rss() -> int:
-    """Peak resident set of this process in bytes.
-
-    Linux: VmHWM of /proc/self/status, which starts afresh at exec (ru_maxrss keeps the high-water mark of the
-    process that forked us, so a big parent would inflate it). Elsewhere ru_maxrss (KiB on Linux, bytes on macOS).
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _report(src, model, out, sources, shards, rows, config, device, resumed, t_start, fp) -> dict:
-    q_sources = [t for t in sources if t.action != selection.DENSE]
-    q_weights = sum(math.prod(t.shape) for t in q_sources)
-    q_bytes = sum(p.nbytes for s in shards for p in s.tensors if p.source.action != selection.DENSE)
-    before = sum(t.file.stat().st_size for t in {t.file: t for t in sources}.values())
-    after = sum((out / s.name).stat().st_size for s in shards)
-    errors = [r["relative_error"] for r in rows]
-    totals = {
-        "quantized_tensors": len(q_sources),
-        "dense_tensors": len(sources) - len(q_sources),
-        "quantized_weights": q_weights,
-        "bits_per_weight": 8.0 * q_bytes / q_weights if q_weights else None,
-        "quantized_bytes_before": sum(math.prod(t.shape) * t.dtype.itemsize for t in q_sources),
-        "quantized_bytes_after": q_bytes,
-        "size_before_bytes": before,
-        "size_after_bytes": after,
-        "compression_ratio": before / after if after else None,
-        "mean_relative_error": sum(errors) / len(errors) if errors else None,
-        "max_relative_error": max(errors) if errors else None,
-        "wall_time_s": round(time.perf_counter() - t_start, 3),
-        "peak_rss_bytes": peak_rss(),
-        "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "shards": len(shards),
-        "shards_resumed": resumed,
-    }
-    if config.method in INT_BASELINES:
-        totals["bits_per_weight"] = None  # stored dense; the baseline's nominal bits are in config.json
-    return {"ptqtp_version": __version__, "source": str(model), "source_dir": str(src), "device": str(device),
-            "config": config.to_dict(), "fingerprint": fp,
-            "tensors": rows, "totals": totals}
-
-
-def format_summary(report: dict) -> str:
-    """The table printed at the end of a run."""
-    t = report["totals"]
-    bpw = f"{t['bits_per_weight']:.3f}" if t["bits_per_weight"] else "dense (baseline)"
-    err = f"{t['mean_relative_error']:.4f} (max {t['max_relative_error']:.4f})" if t["mean_relative_error"] is not None else "-"
-    rows = [
-        ("size before", ckpt.human_size(t["size_before_bytes"])),
-        ("size after", ckpt.human_size(t["size_after_bytes"])),
-        ("ratio", f"{t['compression_ratio']:.2f}x"),
-        ("bits per weight", bpw + f" over {t['quantized_tensors']} quantized tensors"),
-        ("mean rel. error", err),
-        ("time", f"{t['wall_time_s']:.1f} s" + (f" ({t['shards_resumed']} shards resumed)" if t["shards_resumed"] else "")),
-        ("peak RSS", ckpt.human_size(t["peak_rss_bytes"])),
-    ]
-    if t.get("cuda_max_allocated_bytes"):
-        rows.append(("peak CUDA", ckpt.human_size(t["cuda_max_allocated_bytes"])))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -103,7 +103,7 @@ _BASELINE = """
 import sys, time, torch
 from ptqtp import loader, selection
 from ptqtp.config import TritPlaneConfig
-from ptqtp.writer import peak_rss
+from ptqtp.report import peak_rss
 t0 = time.perf_counter()
 dev = torch.device(sys.argv[2])
 n = 0

@@ -352,3 +352,147 @@ def test_interrupted_calibrated_run_resumes_to_identical_bytes(tiny_model_dir, t
     for f in sorted((tmp_path / "whole").glob("*.safetensors")):
         assert f.read_bytes() == (tmp_path / "cut" / f.name).read_bytes(), f.name
     assert not (tmp_path / "cut" / ".calib-partial").exists()
+
+
+# ------------------------------------------------------------------------------- resume, coverage, what it says
+
+CALIB = dict(calib="boolq", calib_samples=2, calib_seq_len=32, show_progress=False)
+
+
+def _tree(d) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_finished_calibrated_run_resumes_as_a_no_op(tiny_model_dir, tmp_path, monkeypatch):
+    from ptqtp.errors import OutputExistsError
+
+    src, out = str(tiny_model_dir("llama")), tmp_path / "cal"
+    config = ptqtp.TritPlaneConfig(max_iters=FAST_ITERS)
+    report = ptqtp.quantize_checkpoint(src, out, config, **CALIB)
+    before = _tree(out)
+
+    def never(*args, **kwargs):
+        raise AssertionError("a finished run was calibrated again")
+
+    monkeypatch.setattr(ptqtp.calibrated, "calibrate_model", never)
+    assert ptqtp.quantize_checkpoint(src, out, config, resume=True, **CALIB) == report
+    assert _tree(out) == before
+    with pytest.raises(OutputExistsError, match="other options"):  # other calibration text
+        ptqtp.quantize_checkpoint(src, out, config, resume=True, **{**CALIB, "calib_samples": 3})
+    with pytest.raises(OutputExistsError, match="other options"):  # the calibration-free run is another run
+        ptqtp.quantize_checkpoint(src, out, config, resume=True, show_progress=False)
+    assert _tree(out) == before
+
+
+def test_a_weight_calibration_misses_is_an_error_never_solved_without_it(tiny_model_dir, tmp_path, monkeypatch):
+    """If calibration computes no planes for a weight the checkpoint quantizes, the run stops naming it."""
+    import ptqtp.calibration as calibration
+
+    real = calibration.select_linears
+
+    def misses_one(layer, config, prefix=""):
+        return [(n, m) for n, m in real(layer, config, prefix) if n != "model.layers.1.mlp.down_proj"]
+
+    monkeypatch.setattr(calibration, "select_linears", misses_one)
+    out = tmp_path / "cal"
+    with pytest.raises(ptqtp.errors.UnsupportedCheckpointError,
+                       match=r"no trit-planes for model\.layers\.1\.mlp\.down_proj\.weight"):
+        ptqtp.quantize_checkpoint(str(tiny_model_dir("llama")), out, ptqtp.TritPlaneConfig(max_iters=FAST_ITERS),
+                                  **CALIB)
+    assert not (out / "config.json").exists()
+
+
+def test_weights_calibration_cannot_reach_are_refused_before_calibrating(tmp_path):
+    """A base-model checkpoint (`layers.0...`, no `model.` prefix) loads as a CausalLM whose Linears are named
+    `model.layers.0...`: calibration would reach none of the stored weights, and used to solve them all without
+    calibration. It is refused up front, naming one."""
+    import transformers as tf
+    from conftest import _save_toy_tokenizer, tiny_config
+
+    src = tmp_path / "base"
+    torch.manual_seed(0)
+    tf.LlamaModel(tiny_config("llama")).save_pretrained(src)
+    _save_toy_tokenizer(src, 512)
+    out = tmp_path / "cal"
+    with pytest.raises(ptqtp.errors.UnsupportedCheckpointError,
+                       match=r"calibration does not reach layers\.0\.mlp\.down_proj\.weight and 13 more"):
+        ptqtp.quantize_checkpoint(str(src), out, ptqtp.TritPlaneConfig(max_iters=FAST_ITERS), **CALIB)
+    assert not list(out.rglob("layer-*.safetensors")) and not (out / "config.json").exists()
+
+
+def test_a_nan_weight_is_named_before_calibrating(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "nan"
+    import shutil
+
+    shutil.copytree(tiny_model_dir("llama"), src)
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ptqtp.errors.NonFiniteWeightError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        ptqtp.quantize_checkpoint(str(src), tmp_path / "cal", ptqtp.TritPlaneConfig(max_iters=FAST_ITERS), **CALIB)
+    assert not list((tmp_path / "cal").rglob("layer-*.safetensors"))
+
+
+def test_one_total_time_and_one_moving_bar_per_phase(tiny_model_dir, tmp_path, capsys):
+    """The summary's time is the whole run (calibration included), and each phase shows one bar that reaches its
+    end: calibrate (per Linear), then write (per tensor); no quantize bar, since nothing is solved there."""
+    import re
+
+    from ptqtp.cli import main
+
+    out = tmp_path / "cal"
+    assert main(["quantize", str(tiny_model_dir("llama")), "-o", str(out), "--max-iters", str(FAST_ITERS),
+                 "--calib", "boolq", "--calib-samples", "2", "--calib-seq-len", "32"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads((out / "ptqtp_report.json").read_text())
+    t, calib = report["totals"]["wall_time_s"], report["calibration"]["calibration_seconds"]
+    assert t >= calib > 0
+    assert re.search(rf"time\s+{t:.1f} s in all \(calibration {calib:.1f} s, writing", captured.out), captured.out
+    bars = {}
+    for line in re.split(r"[\r\n]", captured.err):
+        m = re.match(r"(\w[\w ]*): +(\d+)%\|.*\| (\d+)/(\d+) tensor", line)
+        if m:
+            bars.setdefault(m.group(1), []).append((int(m.group(3)), int(m.group(4))))
+    assert set(bars) == {"hash source", "calibrate", "write"}, captured.err
+    assert bars["calibrate"][-1] == (14, 14) and bars["write"][-1][0] == bars["write"][-1][1] > 14
+
+
+def test_interrupted_calibrated_run_resumes_only_with_its_text_and_source(tiny_model_dir, tmp_path, monkeypatch):
+    """Saved layers are reused only for the calibration text and source content they were fit to."""
+    import shutil
+
+    import ptqtp.calibration as calibration
+    from ptqtp import checkpoint as ckpt
+    from ptqtp.errors import OutputExistsError
+
+    src = tiny_model_dir("llama")
+    config = ptqtp.TritPlaneConfig(max_iters=FAST_ITERS)
+    real, calls = calibration.gptq_trit_planes, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while solving the second layer
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(calibration, "gptq_trit_planes", interrupted)
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        ptqtp.quantize_checkpoint(str(src), out, config, **CALIB)
+    monkeypatch.setattr(calibration, "gptq_trit_planes", real)
+    before = _tree(out)
+    assert any(name.endswith("layer-00000.safetensors") for name in before)
+
+    other = shutil.copytree(src, tmp_path / "other")  # same names, sizes and headers; one weight negated
+    header = ckpt.read_header(other / "model.safetensors")
+    begin, end = header.offsets["model.layers.0.mlp.up_proj.weight"]
+    raw = bytearray((other / "model.safetensors").read_bytes())
+    for i in range(header.data_start + begin + 3, header.data_start + end, 4):
+        raw[i] ^= 0x80
+    (other / "model.safetensors").write_bytes(bytes(raw))
+    for source, kw in ((src, {**CALIB, "calib_samples": 3}), (other, CALIB)):
+        with pytest.raises(OutputExistsError, match="interrupted calibrated run of another source, text or options"):
+            ptqtp.quantize_checkpoint(str(source), out, config, resume=True, **kw)
+        assert _tree(out) == before

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -191,3 +192,39 @@ def test_plain_transformers_load_without_ptqtp_raises(quantized_dir):
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout + res.stderr[-2000:]
     assert res.stdout.strip().endswith("False"), res.stdout  # ptqtp really was not imported
+
+
+def test_dense_tensors_named_like_scales_are_the_models_own(tiny_model_dir, tmp_path):
+    """gemma4 `per_expert_scale`, deepseek `hc_scale`: dense tensors whose names end in `_scale` are copied as they
+    are, and validation, `ptqtp info` and resume take ptqtp's output for what it is."""
+    from ptqtp import info as info_mod
+
+    src = _copy(tiny_model_dir("llama"), tmp_path / "src")
+    tensors = load_file(src / "model.safetensors")
+    extra = {"model.layers.0.mlp.per_expert_scale": torch.rand(8),
+             "model.layers.1.self_attn.hc_scale": torch.rand(3, 160),
+             "model.layers.1.mlp.up_proj.input_scale": torch.rand(2, 4, 4, dtype=torch.float16)}
+    ckpt.write_shard(src / "model.safetensors", {**tensors, **extra}, {"format": "pt"})
+    out = tmp_path / "q"
+    cfg = ptqtp.TritPlaneConfig(method="rtn-ternary")
+    report = quantize_checkpoint(src, out, cfg, show_progress=False)
+    info = ckpt.validate_checkpoint(out, deep=True)
+    assert set(extra) <= set(info.dense) and len(info.quantized) == 14
+    assert info_mod.describe(str(out)).dense_tensors == len(info.dense)
+    stored = load_file(out / "model.safetensors")
+    assert all(torch.equal(stored[n], t) for n, t in extra.items())
+    assert quantize_checkpoint(src, out, cfg, resume=True, show_progress=False) == report
+
+
+@pytest.mark.parametrize("drop", ["scales", "packed"])
+def test_half_a_packed_pair_is_corrupt(quantized_dir, tmp_path, drop):
+    d = _copy(quantized_dir, tmp_path / drop)
+    victim = next(p for p in _shards(d) if any(n.endswith(".weight_scale") for n in ckpt.read_header(p).tensors))
+    tensors = load_file(victim)
+    name = next(n for n in tensors if n.endswith(".weight_scale")).removesuffix("_scale")
+    del tensors[ckpt.scale_name(name) if drop == "scales" else name]
+    ckpt.write_shard(victim, tensors, ckpt.ptqtp_metadata())
+    expect = f"{name} holds packed trit-planes but {ckpt.scale_name(name)} is missing" if drop == "scales" else \
+        f"{ckpt.scale_name(name)} has no packed weight beside it"
+    with pytest.raises(CorruptCheckpointError, match=re.escape(expect)):
+        ckpt.validate_checkpoint(d)

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -70,6 +71,30 @@ def test_quantize_end_to_end(arch, tiny_model_dir, tmp_path, capsys):
     ckpt.validate_checkpoint(out, deep=True)
 
 
+def test_summary_says_what_stays_dense_and_how_big(tiny_model_dir, tmp_path, capsys):
+    """The ratio is explained: the summary and the report say which tensors stay dense, why, and what share of
+    the output they are (on a large-vocabulary model the embeddings are most of the file)."""
+    src = tiny_model_dir("llama")
+    out = tmp_path / "q"
+    assert main(["quantize", str(src), "-o", str(out), "--method", "rtn-ternary"]) == 0
+    summary = capsys.readouterr().out
+    t = json.loads((out / "ptqtp_report.json").read_text())["totals"]
+    dense = load_file(src / "model.safetensors")
+    outside = sum(dense[n].nbytes for n in ("model.embed_tokens.weight", "lm_head.weight"))
+    norms = sum(w.nbytes for n, w in dense.items() if "norm" in n)
+    by_reason = t["dense_by_reason"]
+    assert by_reason["outside the decoder layers (embeddings, lm_head)"] == {
+        "bytes": outside, "tensors": 2, "largest": "lm_head.weight"}
+    assert by_reason["not a matrix"]["bytes"] == norms and t["dense_bytes"] == outside + norms
+    share = round(100 * t["dense_bytes"] / t["size_after_bytes"])
+    assert share > 50  # tiny vocabulary, tinier layers: the dense part dominates, as on real small models
+    assert re.search(rf"kept dense\s+{re.escape(ckpt.human_size(t['dense_bytes']))} in 7 tensors "
+                     rf"\({share} % of the output\)", summary), summary
+    assert re.search(rf"{re.escape(ckpt.human_size(outside))}  outside the decoder layers \(embeddings, lm_head\): "
+                     r"2 tensors, largest lm_head.weight", summary), summary
+    assert re.search(r"ratio\s+\d+\.\d\dx smaller", summary)
+
+
 def test_kill_then_resume_gives_the_same_bytes(tiny_model_dir, tmp_path):
     """SIGKILL midway leaves OUT resumable; --resume skips the finished shards and ends byte-identical to an
     uninterrupted run (made in this process: the bytes depend on the source and options only)."""
@@ -105,6 +130,7 @@ def test_kill_then_resume_gives_the_same_bytes(tiny_model_dir, tmp_path):
     proc.wait()
     assert 2 <= finished < n_shards
     assert not (out / "config.json").exists()  # incomplete output is not mistaken for a model
+    assert (out / ".ptqtp-lock").is_file()  # left by the killed run: --resume below must take it over
     assert main(["quantize", str(src), "-o", str(out), *opts]) != 0  # without --resume it is refused
 
     resumed = subprocess.run(_cli(src, "-o", out, *opts, "--resume"), env=ENV, capture_output=True, text=True,
