@@ -2,18 +2,19 @@
 model is loaded (`from_pretrained`; `load_model` adds the tokenizer, device and eval mode for `ptqtp eval` and
 `ptqtp generate`).
 
-Imports `config`, `errors`, `format`, `checkpoint` (headers), `device` and, lazily when a model loads, `replace`
-and `load_plan`. `import ptqtp` calls `register()`, after which a plain `AutoModelForCausalLM.from_pretrained(OUT)`
-builds the model on `meta`, swaps every Linear the checkpoint stores packed for an empty `TritPlaneLinear` shell
-and every fused MoE experts module for a `TritPlaneExperts` shell (`load_plan` decides which), and lets
-transformers load the packed buffers by name (`X.weight` uint8, `X.weight_scale` fp16, `X.bias`) like any other
-tensor; per-expert tensors go through transformers' own MoE converters, planes and scales alike. Nothing is
+Imports `_version` (the supported transformers), `config`, `errors`, `format`, `checkpoint` (headers), `device`
+and, lazily when a model loads, `replace` and `load_plan`. Importing this module calls `register()` (`import ptqtp`
+arranges that), after which a plain `AutoModelForCausalLM.from_pretrained(OUT)` builds the model on `meta`, swaps
+every Linear the checkpoint stores packed for an empty `TritPlaneLinear` shell and every fused MoE experts module
+for a `TritPlaneExperts` shell (`load_plan` decides which), and lets transformers load the packed buffers by name
+(`X.weight` uint8, `X.weight_scale` fp16, `X.bias`) like any other tensor; per-expert tensors go through
+transformers' own MoE converters, planes and scales alike. Nothing is
 dequantized at load time, so `save_pretrained` writes the same bytes back.
 
 Without `import ptqtp`, transformers skips an unknown quant_method and would random-initialise the Linears;
 the packed weight is 3-D so that load fails on a size mismatch instead (see `format.py`).
 
-Written against the v5 loader API (transformers >= 5.0, < 6; tested with 5.23): the quantizer hooks it
+Written against the v5 loader API (transformers >= 5.0, < 6; tested with 5.23 and 5.24): the quantizer hooks it
 relies on are `validate_environment`, `_process_model_before_weight_loading(checkpoint_files=...)`,
 `update_weight_conversions` and the loading of buffers by state-dict name with the dtype of the module's own
 buffer; for MoE, `conversion_mapping.get_model_conversion_mapping` and `core_model_loading.rename_source_key`.
@@ -32,14 +33,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import checkpoint as ckpt
 from . import format as fmt
+from ._version import TRANSFORMERS_MAX_MAJOR, TRANSFORMERS_MIN, TRANSFORMERS_PIN
 from .config import TritPlaneConfig
 from .device import resolve_device
 from .errors import BadOptionError, DependencyVersionError, ModelNotFoundError, UnsupportedCheckpointError
 
-# transformers versions whose quantizer/loader API this module follows: [MIN, next major)
-MIN_TRANSFORMERS = (5, 0)
-MAX_TRANSFORMERS_MAJOR = 5
-_PIN = f"transformers>={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]},<{MAX_TRANSFORMERS_MAJOR + 1}"
+# transformers versions whose quantizer/loader API this module follows (declared in `_version`)
+MIN_TRANSFORMERS, MAX_TRANSFORMERS_MAJOR, _PIN = TRANSFORMERS_MIN, TRANSFORMERS_MAX_MAJOR, TRANSFORMERS_PIN
 
 
 def check_transformers_version(version: str | None = None) -> None:
@@ -168,7 +168,8 @@ def resolve_dtype(dtype: str | None):
 
 
 def register() -> None:
-    """Make `quant_method: "ptqtp"` known to transformers (idempotent; `import ptqtp` calls it)."""
+    """Make `quant_method: "ptqtp"` known to transformers (idempotent; this module calls it when imported, which
+    `import ptqtp` arranges as soon as transformers' quantizers are imported)."""
     if _hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(fmt.QUANT_METHOD) is not PtqtpConfig:
         _hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(fmt.QUANT_METHOD, None)  # a stale class from a reload
         register_quantization_config(fmt.QUANT_METHOD)(PtqtpConfig)
@@ -232,3 +233,6 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto
         raise UnsupportedCheckpointError(f"{path} has no usable tokenizer ({str(e).splitlines()[0][:120]}); copy the "
                                          "tokenizer files of the original model into it.") from None
     return model.eval(), tokenizer
+
+
+register()  # importing this module is what registers ptqtp with transformers (see ptqtp/__init__.py)
