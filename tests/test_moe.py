@@ -10,7 +10,6 @@ import pathlib
 
 import pytest
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -20,8 +19,8 @@ from ptqtp import checkpoint as ckpt
 from ptqtp.cli import main
 from ptqtp.errors import BadOptionError
 from ptqtp.experts import TritPlaneExperts
+from test_hf import IDS, _matches_fake_quantization, _same_bytes, _tensors
 
-IDS = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 64, 300, 11], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])  # (2, 10)
 CONFIG = TritPlaneConfig(device="cpu")
 MOE = ("mixtral", "qwen3-moe")
 
@@ -45,22 +44,9 @@ def _fake_quantized(dense_dir: pathlib.Path):
     return model
 
 
-def _tensors(directory: pathlib.Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            out.update({k: st.get_tensor(k) for k in st.keys()})
-    return out
-
-
 def _packed_names(directory: pathlib.Path) -> set[str]:
     tensors = _tensors(directory)
     return {k for k in tensors if ckpt.scale_name(k) in tensors}
-
-
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.contiguous().view(torch.uint8).equal(
-        b.contiguous().view(torch.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -93,13 +79,7 @@ def test_cli_output_loads_as_trit_plane_experts_and_matches_fake_quantization(ar
         assert router.weight.dtype == torch.float32 and router.weight.dim() == 2  # the router stays dense
         assert isinstance(layer.self_attn.q_proj, TritPlaneLinear)
 
-    fake = _fake_quantized(dense)
-    with torch.no_grad():
-        logits = model(IDS).logits  # (2, 10, vocab)
-        torch.testing.assert_close(logits, fake(IDS).logits, rtol=1e-4, atol=1e-4)
-        gen = model.generate(IDS[:1], max_new_tokens=8, do_sample=False)
-        assert gen.shape[1] == IDS.shape[1] + 8
-        assert torch.equal(gen, fake.generate(IDS[:1], max_new_tokens=8, do_sample=False))
+    _matches_fake_quantization(model, _fake_quantized(dense))
 
     model.save_pretrained(tmp_path / "again")  # transformers splits the fused experts per expert again
     before, after = _tensors(out), _tensors(tmp_path / "again")
@@ -125,7 +105,13 @@ def test_quantize_model_selects_and_writes_what_ptqtp_quantize_writes(arch, tiny
     """One rule: in memory and from disk the same tensors are packed, to the same bytes; the saved in-memory
     model loads back to its own logits."""
     dense, out = cli_quantized(arch)
-    model = AutoModelForCausalLM.from_pretrained(dense)
+    if arch == "mixtral":  # built from its config (no conversions recorded by a load): the same seed, weights
+        from conftest import tiny_config
+
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(dense)
     ptqtp.quantize_model(model, CONFIG)
     model.save_pretrained(tmp_path / "mem")
     assert _packed_names(tmp_path / "mem") == _packed_names(out)
@@ -210,3 +196,17 @@ def test_experts_of_an_architecture_transformers_does_not_know_are_refused(tiny_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ToyMoe: transformers ") and "--skip experts" in err
     assert main(["quantize", str(src), "-o", str(tmp_path / "q"), "--quiet", "--skip", "experts"]) == 0
+
+
+def test_each_expert_is_a_persistent_contiguous_view(cli_quantized):
+    """Kernels cache their runtime layout per weight tensor: each expert's planes are one view made once (not a
+    new slice per call), exactly a Linear's (2, rows, ceil(in / 5)), and rebuilt after a move."""
+    model = ptqtp.from_pretrained(cli_quantized("qwen3-moe")[1])
+    experts = model.model.layers[0].mlp.experts
+    views = experts.expert_planes("gate_up_proj")
+    assert len(views) == 4 and all(len(blocks) == 2 for blocks in views)
+    packed, scales = views[3][1]
+    assert packed.is_contiguous() and tuple(packed.shape) == (2, 96, 32) and tuple(scales.shape) == (2, 96, 2)
+    assert torch.equal(packed, experts.gate_up_proj[3, 2:4]) and experts.expert_planes("gate_up_proj") is views
+    model.to(torch.bfloat16)
+    assert experts.expert_planes("gate_up_proj") is not views and experts.gate_up_proj_scale.dtype == torch.float16
