@@ -21,7 +21,7 @@ from ptqtp.errors import BadOptionError
 from ptqtp.experts import TritPlaneExperts
 from test_hf import IDS, _matches_fake_quantization, _same_bytes, _tensors
 
-CONFIG = TritPlaneConfig(device="cpu")
+CONFIG = TritPlaneConfig(device="cpu", max_iters=5)  # what the CLI runs below (fewer rounds: faster tests)
 MOE = ("mixtral", "qwen3-moe")
 
 
@@ -58,7 +58,8 @@ def cli_quantized(tiny_model_dir, tmp_path_factory):
         if arch not in made:
             dense = tiny_model_dir(arch)
             out = tmp_path_factory.mktemp(f"cli-{arch}") / "q"
-            assert main(["quantize", str(dense), "-o", str(out), "--device", "cpu", "--quiet"]) == 0
+            assert main(["quantize", str(dense), "-o", str(out), "--device", "cpu", "--quiet", "--max-iters",
+                         str(CONFIG.max_iters)]) == 0
             made[arch] = (dense, out)
         return made[arch]
 
