@@ -1,8 +1,11 @@
-"""Install ptqtp; build the optional C++/CUDA kernels (`ptqtp._C`, `ptqtp._C_cuda`) where a toolchain exists.
+"""Install ptqtp; build the optional C++/CUDA kernels (`ptqtp._C`, `ptqtp._C_cuda`) where torch and a toolchain
+exist at build time.
 
-Install torch first (your CUDA build, or `pip install torch==2.13.0` for the CPU wheel), then
-`pip install --no-build-isolation .` so the extension builds against that torch. Without a compiler
-(or with PTQTP_NO_EXTENSIONS=1) ptqtp installs pure-Python and falls back to Triton or the torch reference.
+A plain `pip install .` builds in an isolated environment without torch: the CPU kernel's sources then ship
+inside the package (`ptqtp/csrc/cpu`) and `ptqtp.native` compiles them on first use, once, into a user cache.
+`pip install --no-build-isolation .` (torch installed first) builds `ptqtp._C` at install instead, with the same
+sources and flags (`ptqtp/native.py`), and the CUDA kernels where nvcc and a CUDA torch exist. Without a
+compiler (or with PTQTP_NO_EXTENSIONS=1) ptqtp runs on Triton or the torch reference path.
 """
 
 import os
@@ -15,9 +18,20 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _version() -> str:
+def _declared(name: str) -> str:
+    """A string constant of ptqtp/_version.py (the version, the supported transformers)."""
     with open(os.path.join(HERE, "ptqtp", "_version.py")) as f:
-        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+        return re.search(name + r' = "([^"]+)"', f.read()).group(1)
+
+
+def _native():
+    """ptqtp/native.py loaded by path (it imports only the standard library): the CPU kernel's sources and flags."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_ptqtp_native", os.path.join(HERE, "ptqtp", "native.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _extensions():
@@ -30,22 +44,17 @@ def _extensions():
     except Exception:
         print("ptqtp: torch not importable at build time, skipping C++/CUDA kernels", file=sys.stderr)
         return [], {}
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
+    native = _native()
+    if shutil.which(native.compiler()) is None:
         print("ptqtp: no C++ compiler, skipping C++/CUDA kernels", file=sys.stderr)
         return [], {}
     exts = []
-    cpu_sources = sorted(
-        os.path.join("csrc", "cpu", f) for f in os.listdir(os.path.join(HERE, "csrc", "cpu")) if f.endswith(".cpp")
-    ) if os.path.isdir(os.path.join(HERE, "csrc", "cpu")) else []
+    src = native.cpu_source_dir()
+    cpu_sources = [os.path.relpath(p, HERE) for p in native.cpu_sources(src)] if src else []
     if cpu_sources:
-        exts.append(
-            cpp_extension.CppExtension(
-                "ptqtp._C",
-                cpu_sources,
-                extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
-                extra_link_args=["-fopenmp"],
-            )
-        )
+        cflags, lflags = native.compile_args()
+        exts.append(cpp_extension.CppExtension("ptqtp._C", cpu_sources, extra_compile_args=cflags,
+                                               extra_link_args=lflags))
     cuda_dir = os.path.join(HERE, "csrc", "cuda")
     cuda_ok = cpp_extension.CUDA_HOME is not None and getattr(__import__("torch").version, "cuda", None)
     if cuda_ok and os.path.isdir(cuda_dir) and os.environ.get("PTQTP_NO_CUDA") != "1":
@@ -69,19 +78,21 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     name="ptqtp",
-    version=_version(),
+    version=_declared("__version__"),
     description="Post-training ternary quantization (two trit-planes) for Hugging Face LLMs, with fast kernels",
     long_description=open(os.path.join(HERE, "README.md")).read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["ptqtp", "ptqtp.*"]) + ["ptqtp.triton_kernels"],
-    package_dir={"ptqtp.triton_kernels": "triton_kernels"},
-    package_data={"ptqtp": ["data/*", "eval_tasks/*"]},
+    # csrc/ installs as ptqtp/csrc (the CPU kernel's C++ sources, built on first use: see ptqtp/native.py)
+    packages=find_packages(include=["ptqtp", "ptqtp.*"]) + ["ptqtp.triton_kernels", "ptqtp.csrc"],
+    package_dir={"ptqtp.triton_kernels": "triton_kernels", "ptqtp.csrc": "csrc"},
+    package_data={"ptqtp": ["data/*", "eval_tasks/*.yaml", "eval_tasks/data/*"],
+                  "ptqtp.csrc": ["cpu/*.cpp", "cpu/*.h"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4,<3",
-        "transformers>=5.0,<6",
+        _declared("TRANSFORMERS_PIN"),
         "accelerate>=1.0",
         "safetensors>=0.4",
         "huggingface_hub>=0.30",

@@ -66,7 +66,7 @@ def _add_eval(sub):
         "eval",
         help="perplexity and lm-eval tasks of a dense or quantized model",
         description="Evaluate MODEL (dense or ptqtp directory, or hub id) through one loading path: "
-        "perplexity on non-overlapping windows, and lm-eval-harness tasks (offline task files in eval/tasks).",
+        "perplexity on non-overlapping windows, and lm-eval-harness tasks (offline task files shipped with ptqtp).",
         epilog=EPILOG,
     )
     p.add_argument("model", help="model directory or hub id (dense or ptqtp-quantized)")
@@ -77,13 +77,14 @@ def _add_eval(sub):
     p.add_argument("--max-windows", type=int, default=None, help="only the first N windows (default: all)")
     p.add_argument("--tasks", default=None,
                    help="comma list of lm-eval tasks: arc_easy,piqa,boolq,lambada_openai,gsm8k run offline "
-                   "from eval/tasks; any other lm-eval task name runs lm-eval's own (downloads its data)")
+                   "from the task files shipped with ptqtp; any other lm-eval task name runs lm-eval's own (downloads its "
+                   "data)")
     p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="lm-eval batch size, and perplexity windows per forward pass (default 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
-    p.add_argument("--data-dir", default=None, help="folder with the task JSONL files (default: eval/data of the source tree)")
+    p.add_argument("--data-dir", default=None, help="folder with the task JSONL files (default: the copies shipped with ptqtp)")
     p.add_argument("--output", default=None, help="write results JSON here (default: print it to stdout)")
     p.add_argument("--seed", type=int, default=0, help="seed for lm-eval sampling and few-shot draws (default 0)")
     p.set_defaults(func=_run_eval)

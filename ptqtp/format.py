@@ -21,8 +21,20 @@ The weight is  W[r, c] = scale[0, r, c // g] * T0[r, c] + scale[1, r, c // g] * 
 
 The packed tensor is 3-D on purpose: its shape can never equal a dense (out, in) weight, so a plain
 transformers load without `import ptqtp` fails with a size mismatch instead of random-initialising.
-Fused 3-D expert tensors (E, out, in) are stored per expert as (E, 2, out, ceil(in / 5)) and
-(E, 2, out, G).
+Mixture-of-experts models. Checkpoints that store experts per expert (Mixtral's
+`...experts.N.w1.weight`, Qwen-MoE's `...experts.N.gate_proj.weight`, as transformers 5 `save_pretrained` writes
+them) keep that layout: every expert projection is a Linear `X` as above. A checkpoint that stores a fused
+3-D tensor `P` (E, out, in) gets one per expert, stacked, beside it::
+
+    P         uint8   (E, 2, out, ceil(in / 5))
+    P_scale   float16 (E, 2, out, G)
+
+In memory (`TritPlaneExperts`, not a storage format), transformers 5 holds experts fused; the module keeps each
+fused projection `P` made of `blocks` row blocks (2 for `gate_up_proj` built from separate gate and up Linears,
+1 otherwise) as `P` uint8 (E, 2 * blocks, out / blocks, ceil(in / 5)) and `P_scale` float16
+(E, 2 * blocks, out / blocks, G): planes [e, 2k:2k+2] are block k of expert e, each exactly a Linear's
+(2, rows, ceil(in / 5)). That is what transformers' MoE converters (stack per expert on dim 0, concatenate on
+dim 1) make of per-expert tensors, and what they split back on `save_pretrained`.
 
 At group size 128: 2 * 8 / 5 = 3.2 bits of trits + 2 * 16 / 128 = 0.25 bits of scales = 3.45 bits/weight.
 

@@ -2,18 +2,22 @@
 model is loaded (`from_pretrained`; `load_model` adds the tokenizer, device and eval mode for `ptqtp eval` and
 `ptqtp generate`).
 
-Imports `config`, `errors`, `format`, `checkpoint` (headers), `device` and, lazily when a model loads, `replace`.
-`import ptqtp` calls `register()`, after which a plain `AutoModelForCausalLM.from_pretrained(OUT)` builds
-the model on `meta`, swaps every Linear the checkpoint stores packed for an empty `TritPlaneLinear` shell,
-and lets transformers load the packed buffers by name (`X.weight` uint8, `X.weight_scale` fp16, `X.bias`)
-like any other tensor. Nothing is converted at load time, so `save_pretrained` writes the same bytes back.
+Imports `_version` (the supported transformers), `config`, `errors`, `format`, `checkpoint` (headers), `device`
+and, lazily when a model loads, `replace` and `load_plan`. Importing this module calls `register()` (`import ptqtp`
+arranges that), after which a plain `AutoModelForCausalLM.from_pretrained(OUT)` builds the model on `meta`, swaps
+every Linear the checkpoint stores packed for an empty `TritPlaneLinear` shell and every fused MoE experts module
+for a `TritPlaneExperts` shell (`load_plan` decides which), and lets transformers load the packed buffers by name
+(`X.weight` uint8, `X.weight_scale` fp16, `X.bias`) like any other tensor; per-expert tensors go through
+transformers' own MoE converters, planes and scales alike. Nothing is
+dequantized at load time, so `save_pretrained` writes the same bytes back.
 
 Without `import ptqtp`, transformers skips an unknown quant_method and would random-initialise the Linears;
 the packed weight is 3-D so that load fails on a size mismatch instead (see `format.py`).
 
-Written against the v5 loader API (transformers >= 5.0, < 6; tested with 5.23): the quantizer hooks it
-relies on are `validate_environment`, `_process_model_before_weight_loading(checkpoint_files=...)` and the
-loading of buffers by state-dict name with the dtype of the module's own buffer.
+Written against the v5 loader API (transformers >= 5.0, < 6; tested with 5.23 and 5.24): the quantizer hooks it
+relies on are `validate_environment`, `_process_model_before_weight_loading(checkpoint_files=...)`,
+`update_weight_conversions` and the loading of buffers by state-dict name with the dtype of the module's own
+buffer; for MoE, `conversion_mapping.get_model_conversion_mapping` and `core_model_loading.rename_source_key`.
 """
 
 from __future__ import annotations
@@ -29,14 +33,13 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from . import checkpoint as ckpt
 from . import format as fmt
+from ._version import TRANSFORMERS_MAX_MAJOR, TRANSFORMERS_MIN, TRANSFORMERS_PIN
 from .config import TritPlaneConfig
 from .device import resolve_device
 from .errors import BadOptionError, DependencyVersionError, ModelNotFoundError, UnsupportedCheckpointError
 
-# transformers versions whose quantizer/loader API this module follows: [MIN, next major)
-MIN_TRANSFORMERS = (5, 0)
-MAX_TRANSFORMERS_MAJOR = 5
-_PIN = f"transformers>={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]},<{MAX_TRANSFORMERS_MAJOR + 1}"
+# transformers versions whose quantizer/loader API this module follows (declared in `_version`)
+MIN_TRANSFORMERS, MAX_TRANSFORMERS_MAJOR, _PIN = TRANSFORMERS_MIN, TRANSFORMERS_MAX_MAJOR, TRANSFORMERS_PIN
 
 
 def check_transformers_version(version: str | None = None) -> None:
@@ -78,46 +81,24 @@ class PtqtpConfig(QuantizationConfigMixin):
         yield from self.to_dict().items()
 
 
-def _stored_packed_names(checkpoint_files) -> set[str] | None:
-    """Dotted names of the Linears a safetensors checkpoint stores packed (`X.weight` beside `X.weight_scale`).
+def _stored_packed(checkpoint_files) -> dict[str, tuple[int, ...]] | None:
+    """Name -> shape of every packed tensor of a safetensors checkpoint (a tensor beside its `_scale`).
 
-    Reads headers only. The checkpoint, not the config's rules, decides which Linears become shells, so a
+    Reads headers only. The checkpoint, not the config's rules, decides which modules become shells, so a
     Linear the writer kept dense loads dense. Shards of a newer format raise `FormatVersionError`.
     """
     if not checkpoint_files:
         return None
-    names: set[str] = set()
+    packed: dict[str, tuple[int, ...]] = {}
     for path in checkpoint_files:
         if not str(path).endswith(".safetensors"):
             return None  # not written by ptqtp (e.g. .bin): fall back to the config's rules
         header = ckpt.read_header(path)
         ckpt.check_metadata_version(header)
-        for name in header.tensors:
-            if ckpt.scale_name(name) not in header.tensors:
-                continue
-            if not name.endswith("." + fmt.WEIGHT_SUFFIX):
-                raise UnsupportedCheckpointError(
-                    f"{path} holds quantized fused MoE experts ({name}), which this ptqtp cannot load yet; "
-                    "quantize again with --skip experts to keep them dense."
-                )
-            names.add(name[: -len(fmt.WEIGHT_SUFFIX) - 1])
-    return names
-
-
-def _to_model_names(stored: set[str], model) -> set[str]:
-    """Map checkpoint module names onto `model`'s (a base model loaded from a CausalLM checkpoint lacks the
-    `model.` prefix, and the other way round)."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    have = {n for n, _ in model.named_modules()}
-    out = set()
-    for name in stored:
-        if name not in have and prefix:
-            if name.startswith(prefix + ".") and name[len(prefix) + 1:] in have:
-                name = name[len(prefix) + 1:]
-            elif f"{prefix}.{name}" in have:
-                name = f"{prefix}.{name}"
-        out.add(name)
-    return out
+        for name, spec in header.tensors.items():
+            if ckpt.scale_name(name) in header.tensors:
+                packed[name] = tuple(spec.shape)
+    return packed
 
 
 class PtqtpHfQuantizer(HfQuantizer):
@@ -137,12 +118,25 @@ class PtqtpHfQuantizer(HfQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        from .replace import replace_linear
+        from .load_plan import plan_shells
+        from .replace import replace_experts, replace_linear
 
-        stored = _stored_packed_names(checkpoint_files)
-        names = None if stored is None else _to_model_names(stored, model)
-        replace_linear(model, self.quantization_config.tritplane, names=names)
+        config = self.quantization_config.tritplane
+        stored = _stored_packed(checkpoint_files)
+        if stored is None:
+            replace_linear(model, config)
+            replace_experts(model, config)
+            return model
+        plan = plan_shells(model, stored)
+        replace_linear(model, config, names=plan.linears)
+        replace_experts(model, config, plan=plan.experts)
         return model
+
+    def update_weight_conversions(self, weight_conversions, model):
+        """transformers' converters that stack per-expert planes into a fused projection also stack their scales."""
+        from .load_plan import with_scale_converters
+
+        return with_scale_converters(super().update_weight_conversions(weight_conversions, model), model)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         return model
@@ -174,7 +168,8 @@ def resolve_dtype(dtype: str | None):
 
 
 def register() -> None:
-    """Make `quant_method: "ptqtp"` known to transformers (idempotent; `import ptqtp` calls it)."""
+    """Make `quant_method: "ptqtp"` known to transformers (idempotent; this module calls it when imported, which
+    `import ptqtp` arranges as soon as transformers' quantizers are imported)."""
     if _hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(fmt.QUANT_METHOD) is not PtqtpConfig:
         _hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(fmt.QUANT_METHOD, None)  # a stale class from a reload
         register_quantization_config(fmt.QUANT_METHOD)(PtqtpConfig)
@@ -238,3 +233,6 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype: str = "auto
         raise UnsupportedCheckpointError(f"{path} has no usable tokenizer ({str(e).splitlines()[0][:120]}); copy the "
                                          "tokenizer files of the original model into it.") from None
     return model.eval(), tokenizer
+
+
+register()  # importing this module is what registers ptqtp with transformers (see ptqtp/__init__.py)

@@ -1,8 +1,10 @@
 """The source side of `ptqtp quantize`: resolve MODEL, list its tensors, pick what to quantize, stream tensors.
 
-Imports `errors`, `config`, `checkpoint`, `selection`; `huggingface_hub` only when MODEL is a hub id. The model
-class is never instantiated: `selection` picks tensors from their names and shapes in the safetensors headers,
-and each is read when needed, whole or by rows (`SourceTensor.read`, plain file I/O: no mapping of a shard).
+Imports `errors`, `config`, `checkpoint`, `selection`, and `load_plan` (in `open_source`); `huggingface_hub` only
+when MODEL is a hub id. `selection` picks tensors from their names and shapes in the safetensors headers, and
+each is read when needed, whole or by rows (`SourceTensor.read`, plain file I/O: no mapping of a shard). Before
+anything is solved, `load_plan.check_loadable` builds the model on `meta` (no weights) and refuses a source whose
+packed output transformers could not load (MoE experts of an unsupported layout), naming the fix.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checkpoint as ckpt
-from .config import BASELINE_KEY, TritPlaneConfig
+from .config import BASELINE_KEY, INT_BASELINES, TritPlaneConfig
 from .errors import CorruptCheckpointError, ModelNotFoundError, UnsupportedCheckpointError
 from .selection import DENSE, classify
 
@@ -146,4 +148,8 @@ def open_source(model, revision: str | None, config: TritPlaneConfig) -> Source:
         raise UnsupportedCheckpointError(
             f"{path} has no Linear weights inside decoder layers (names like model.layers.0.mlp.up_proj.weight) "
             "left to quantize; this architecture is not supported, or --skip matched everything.")
+    if config.method not in INT_BASELINES:  # trit-planes: refuse now what from_pretrained could not load
+        from .load_plan import check_loadable
+
+        check_loadable(path, hf_config, tensors)
     return Source(path, hf_config, tensors)

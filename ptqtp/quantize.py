@@ -3,8 +3,8 @@ and `ptqtp quantize` (`run_quantize_cli`).
 
 The choice between calibration-free and calibrated quantization is made here and nowhere below: `pipeline`
 and `calibrated` each write through `writer` and never import each other. Imports `pipeline`, `calibrated`,
-`hessian_fit` (calibration defaults), `selection`, `modules`, `solver`, `packing`, `config`, `device` and
-`errors`; transformers only through calibrated mode.
+`hessian_fit` (calibration defaults), `selection`, `modules`, `experts`, `load_plan` (experts save per expert),
+`solver`, `packing`, `config`, `device` and `errors`; transformers only through calibrated mode and MoE saving.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from .config import INT_BASELINES, TRIT_METHODS, TritPlaneConfig
 from .device import resolve_device
 from .errors import BadOptionError
 from .hessian_fit import DEFAULT_DAMP, DEFAULT_FEEDBACK
+from .experts import TritPlaneExperts, unsupported
+from .load_plan import keep_packed_on_save
 from .modules import TritPlaneLinear
 from .packing import PackedTritPlanes
 from .pipeline import quantize_calibration_free
-from .selection import select_linears
+from .selection import select_experts, select_linears
 from .solver import decompose
 
 
@@ -69,13 +71,14 @@ def _renamed(value, old_value, name: str, old_name: str):
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, config: TritPlaneConfig | None = None) -> nn.Module:
-    """Quantize every selected `nn.Linear` of an in-memory model to trit-planes, in place.
+    """Quantize every selected `nn.Linear` and fused MoE experts module of an in-memory model to trit-planes,
+    in place.
 
-    The Linears are those `ptqtp quantize` picks (`selection`). Each weight is decomposed in float32 on
-    `config.device` with the same defaults as `ptqtp quantize`, packed, and wrapped in a `TritPlaneLinear` on the
-    Linear's own device (bias kept as is). When the model has a transformers `config`, its
-    `quantization_config` is set, so `model.save_pretrained(dir)` writes a directory that
-    `ptqtp.from_pretrained(dir)` loads.
+    The weights are those `ptqtp quantize` picks (`selection`). Each weight (each expert's, for fused experts) is
+    decomposed in float32 on `config.device` with the same defaults as `ptqtp quantize`, packed, and wrapped in a
+    `TritPlaneLinear` / `TritPlaneExperts` on the module's own device (bias kept as is). When the model has a
+    transformers `config`, its `quantization_config` is set, so `model.save_pretrained(dir)` writes a directory
+    that `ptqtp.from_pretrained(dir)` loads (experts per expert, as `ptqtp quantize` writes them).
 
     Args:
         model: any module holding `nn.Linear`s (weights (out, in), any float dtype, not on `meta`).
@@ -83,25 +86,40 @@ def quantize_model(model: nn.Module, config: TritPlaneConfig | None = None) -> n
 
     Returns:
         `model`.
+    Raises:
+        BadOptionError: a weight on `meta`, an integer baseline method, or experts whose layout cannot be held
+            as trit-planes (before anything is solved).
     """
     config = config or TritPlaneConfig()
     if config.method in INT_BASELINES:
         raise BadOptionError(f"method {config.method!r} yields dense fake-quantized weights, not trit-planes, so "
                              f"there is nothing to pack; use method {', '.join(repr(m) for m in TRIT_METHODS)}.")
     device = resolve_device(config.device, "device")
-    for name, linear in select_linears(model, config):
-        if linear.weight.is_meta:
+    linears, experts = select_linears(model, config), select_experts(model, config)
+    for name, module in [*linears, *((n, m) for n, m, _ in experts)]:
+        if any(p.is_meta for p in module.parameters(recurse=False)):
             raise BadOptionError(f"{name} has its weight on the meta device; load the model with real weights "
                                  "(no device_map offload) before quantize_model.")
-        w = linear.weight.detach().to(device=device, dtype=torch.float32)  # (out, in)
-        planes = decompose(w, group_size=config.group_size, method=config.method, max_iters=config.max_iters,
-                           tol=config.tol)
+    for name, module, _ in experts:
+        reason = unsupported(module)
+        if reason:
+            raise BadOptionError(f"{name}: {reason}, so its experts cannot be held as trit-planes; keep them dense "
+                                 "with TritPlaneConfig(skip=('experts',)).")
+
+    def pack(w: torch.Tensor) -> PackedTritPlanes:  # (out, in) -> packed planes on w's device
+        planes = decompose(w.detach().to(device=device, dtype=torch.float32), group_size=config.group_size,
+                           method=config.method, max_iters=config.max_iters, tol=config.tol)
         packed = PackedTritPlanes.from_trit_planes(planes)
-        packed = PackedTritPlanes(packed.packed.to(linear.weight.device), packed.scales.to(linear.weight.device),
-                                  packed.in_features, packed.group_size)
-        model.set_submodule(name, TritPlaneLinear.from_packed(packed, linear.bias))
+        return PackedTritPlanes(packed.packed.to(w.device), packed.scales.to(w.device), packed.in_features,
+                                packed.group_size)
+
+    for name, linear in linears:
+        model.set_submodule(name, TritPlaneLinear.from_packed(pack(linear.weight), linear.bias))
+    for name, module, params in experts:
+        model.set_submodule(name, TritPlaneExperts.from_dense(module, params, pack, config.group_size))
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         model.config.quantization_config = config.to_dict()
+    keep_packed_on_save(model)
     return model
 
 

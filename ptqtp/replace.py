@@ -1,7 +1,7 @@
-"""Loading: Linears of a model become empty `TritPlaneLinear` shells (`replace_linear`), whose buffers the
-checkpoint then fills.
+"""Loading: Linears of a model become empty `TritPlaneLinear` shells (`replace_linear`), fused MoE experts empty
+`TritPlaneExperts` shells (`replace_experts`), whose buffers the checkpoint then fills.
 
-Imports `modules`, `config`, `selection` and `errors` (and `quantize`, lazily, for the former name
+Imports `modules`, `experts`, `config`, `selection` and `errors` (and `quantize`, lazily, for the former name
 `replace.quantize_model`); never transformers. Works on any `nn.Module`; the
 transformers quantizer in `hf.py` calls `replace_linear` on a model built on `meta`, with the names the
 checkpoint stores packed. Without names, `selection` decides, as it does for `ptqtp quantize`; either way the
@@ -15,9 +15,10 @@ from typing import Iterable
 from torch import nn
 
 from .config import TritPlaneConfig
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UnsupportedCheckpointError
+from .experts import TritPlaneExperts, default_parts, unsupported
 from .modules import TritPlaneLinear
-from .selection import pinned_dense, select_linears
+from .selection import pinned_dense, select_experts, select_linears
 
 
 def __getattr__(name: str):
@@ -64,4 +65,30 @@ def replace_linear(model: nn.Module, config: TritPlaneConfig | None = None, *,
                                 group_size=config.group_size, device=linear.weight.device,
                                 dtype=linear.weight.dtype)
         model.set_submodule(name, shell)
+    return model
+
+
+def replace_experts(model: nn.Module, config: TritPlaneConfig | None = None, *,
+                    plan: dict[str, dict[str, int]] | None = None) -> nn.Module:
+    """Swap fused MoE experts modules for empty `TritPlaneExperts` shells, in place (weights load later).
+
+    Args:
+        model: usually a transformers model built on `meta`.
+        config: group size and skip rules.
+        plan: experts module name -> {projection: row blocks}, as the checkpoint stores them
+            (`load_plan.plan_shells`). Without it, `selection` decides, with the blocks `ptqtp quantize` writes.
+    Raises:
+        UnsupportedCheckpointError: a selected experts module whose layout cannot be held as trit-planes.
+    """
+    config = config or TritPlaneConfig()
+    if plan is None:
+        plan = {}
+        for name, module, params in select_experts(model, config):
+            reason = unsupported(module)
+            if reason:
+                raise UnsupportedCheckpointError(f"{name}: {reason}, so its experts cannot be held as trit-planes; "
+                                                 "keep them dense (skip experts).")
+            plan[name] = {p: default_parts(module, p) for p in params}
+    for name, parts in plan.items():
+        model.set_submodule(name, TritPlaneExperts.shell_like(model.get_submodule(name), parts, config.group_size))
     return model

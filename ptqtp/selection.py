@@ -1,5 +1,6 @@
 """Which Linears are quantized: one rule, asked by the loader (tensor names in a checkpoint), by `replace` and
-in-memory quantization (modules of a model), and by calibration (the Linears of one decoder layer).
+in-memory quantization (modules of a model: `select_linears`, and fused MoE experts: `select_experts`), and by
+calibration (the Linears of one decoder layer).
 
 Imports only `config` (skip rules); never transformers. The rule decides from a weight's name, shape and dtype
 alone, since the loader never builds a model: Linear weights inside the decoder layers (`...layers.N.`) are
@@ -103,6 +104,21 @@ def select_linears(model: nn.Module, config: TritPlaneConfig, prefix: str = "") 
     layered = any(_LAYER.search(f"{n}.weight") for n, _ in linears)
     return [(n, m) for n, m in linears
             if classify(f"{n}.weight", tuple(m.weight.shape), m.weight.dtype, config, layered=layered)[0] == QUANTIZE]
+
+
+def select_experts(model: nn.Module, config: TritPlaneConfig, prefix: str = "") -> list[tuple[str, nn.Module, list[str]]]:
+    """(dotted name, module, names of its quantized fused weights) of every module holding fused 3-D expert
+    weights (transformers 5 MoE layers), in model order; the same rule as `classify` gives their checkpoint
+    tensors, so `--skip experts` keeps them dense here too."""
+    found = []
+    named = list(model.named_modules(prefix=prefix))
+    layered = any(_LAYER.search(f"{n}.") for n, _ in named)
+    for name, module in named:
+        params = [p for p, w in module.named_parameters(recurse=False) if w.dim() == 3 and classify(
+            f"{name}.{p}", tuple(w.shape), w.dtype, config, layered=layered)[0] == QUANTIZE_EXPERTS]
+        if params:
+            found.append((name, module, params))
+    return found
 
 
 def dense_linear_modules(tensors) -> set[str]:

@@ -1,9 +1,10 @@
 """The lm-eval-harness adapter: run tasks on an already-loaded model, offline where ptqtp ships the task data.
 
-Imports only `errors`; lm_eval (and yaml) are imported on first use. Offline tasks: `eval/tasks/*.yaml`
-(source checkout) read the JSONL copies in `eval/data/`; their `data_files` path is rewritten at run time to
-`--data-dir`, so no network and no working-directory assumption. Any other lm-eval task name runs lm-eval's
-own task (which downloads its data).
+Imports only `errors`; lm_eval (and yaml) are imported on first use. Offline tasks: `ptqtp/eval_tasks/*.yaml`,
+package data (so an installed wheel runs them offline too; `eval/tasks` of the source tree links there for
+`lm_eval --include_path`), read the JSONL copies in `ptqtp/eval_tasks/data/`; their `data_files` path is
+rewritten at run time to `--data-dir` (default: that folder), so no network and no working-directory
+assumption. Any other lm-eval task name runs lm-eval's own task (which downloads its data).
 """
 
 from __future__ import annotations
@@ -14,16 +15,15 @@ from pathlib import Path
 
 from .errors import BadOptionError
 
-_SOURCE_ROOT = Path(__file__).resolve().parent.parent
-TASKS_DIR = _SOURCE_ROOT / "eval" / "tasks"
-DATA_DIR = _SOURCE_ROOT / "eval" / "data"
+TASKS_DIR = Path(__file__).resolve().parent / "eval_tasks"
+DATA_DIR = TASKS_DIR / "data"
 # lm-eval bootstraps the stderr of non-mean metrics (LAMBADA perplexity); 1000 resamples keep that to
 # seconds instead of minutes and the value itself does not depend on it.
 BOOTSTRAP_ITERS = 1000
 
 
 def offline_tasks() -> dict[str, Path]:
-    """Task name -> YAML of the offline copies (empty outside a source checkout)."""
+    """Task name -> YAML of the offline copies shipped with ptqtp."""
     if not TASKS_DIR.is_dir():
         return {}
     return {p.stem: p for p in sorted(TASKS_DIR.glob("*.yaml"))}
@@ -43,7 +43,7 @@ def offline_task_config(name: str, data_dir: Path | None = None) -> dict:
         local = data_dir / Path(rel).name
         if not local.is_file():
             raise BadOptionError(f"task {name} needs {local.name}, not found in {data_dir}; "
-                            f"pass --data-dir with the task JSONL files (eval/data in the source tree).")
+                            f"pass --data-dir with the task JSONL files (ptqtp/eval_tasks/data of the package).")
         files[split] = str(local.resolve())
     return cfg
 

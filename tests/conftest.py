@@ -44,10 +44,16 @@ def tiny_config(arch: str):
         return tf.MistralConfig(**TINY_COMMON, sliding_window=None)
     if arch == "llama-tied":
         return tf.LlamaConfig(**{**TINY_COMMON, "tie_word_embeddings": True})
+    if arch == "mixtral":  # MoE: per-expert w1/w2/w3 on disk, fused gate_up_proj/down_proj in memory
+        return tf.MixtralConfig(**TINY_COMMON, num_local_experts=4, num_experts_per_tok=2)
+    if arch == "qwen3-moe":  # MoE: per-expert gate/up/down_proj on disk, fused in memory
+        return tf.Qwen3MoeConfig(**TINY_COMMON, head_dim=40, num_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=96)
     raise ValueError(arch)
 
 
 TINY_ARCHS = ("llama", "qwen3", "qwen2", "mistral")
+MOE_ARCHS = ("mixtral", "qwen3-moe")
 
 
 def make_tiny_model(arch: str, out_dir: pathlib.Path, dtype=torch.float32) -> pathlib.Path:

@@ -39,6 +39,17 @@ def _fake_quantized(dense_dir: pathlib.Path, config: TritPlaneConfig = CONFIG, d
     return model
 
 
+@torch.no_grad()
+def _matches_fake_quantization(model, fake) -> torch.Tensor:
+    """Same logits as the fake-quantized model to fp32 rounding, and the same greedy tokens; returns the logits."""
+    logits = model(IDS).logits  # (2, 10, vocab)
+    torch.testing.assert_close(logits, fake(IDS).logits, rtol=1e-4, atol=1e-4)
+    gen = model.generate(IDS[:1], max_new_tokens=8, do_sample=False)
+    assert gen.shape[1] == IDS.shape[1] + 8
+    assert torch.equal(gen, fake.generate(IDS[:1], max_new_tokens=8, do_sample=False))
+    return logits
+
+
 def _tensors(directory: pathlib.Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in sorted(directory.glob("*.safetensors")):
@@ -90,13 +101,7 @@ def test_round_trip_matches_fake_quantization(arch, quantized, tmp_path):
     if arch == "qwen2":  # q/k/v carry a bias, which must have been loaded, not left at zero
         assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
 
-    fake = _fake_quantized(dense)
-    with torch.no_grad():
-        logits = model(IDS).logits  # (2, 10, vocab)
-        torch.testing.assert_close(logits, fake(IDS).logits, rtol=1e-4, atol=1e-4)
-        gen = model.generate(IDS[:1], max_new_tokens=8, do_sample=False)
-        assert gen.shape[1] == IDS.shape[1] + 8
-        assert torch.equal(gen, fake.generate(IDS[:1], max_new_tokens=8, do_sample=False))
+    logits = _matches_fake_quantization(model, _fake_quantized(dense))
 
     model.save_pretrained(tmp_path / "again")
     before, after = _tensors(qdir), _tensors(tmp_path / "again")

@@ -37,7 +37,11 @@ def _moe_dir(tmp_path: pathlib.Path) -> pathlib.Path:
         "lm_head.weight": torch.randn(16, 40),
     }
     ckpt.write_shard(src / "model.safetensors", tensors, {"format": "pt"})
-    (src / "config.json").write_text(json.dumps({"model_type": "toy_moe", "architectures": ["ToyMoe"]}))
+    # a Qwen3-MoE config of these shapes: ptqtp checks before quantizing that transformers loads the experts
+    (src / "config.json").write_text(json.dumps({
+        "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "vocab_size": 16, "hidden_size": 40,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 10,
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 12, "intermediate_size": 24}))
     return src
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import ptqtp
 from ptqtp import loader, selection
-from ptqtp.selection import classify, select_linears
+from ptqtp.selection import classify, select_experts, select_linears
 
 CFG = ptqtp.TritPlaneConfig()
 
@@ -77,3 +77,19 @@ def test_a_plain_module_without_decoder_layers_is_one_layer():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 10))
     model[2].weight = model[0].weight
     assert [n for n, _ in select_linears(model, CFG)] == ["1"]
+
+
+def test_fused_experts_are_selected_in_memory_by_the_checkpoint_rule():
+    """transformers 5 holds MoE experts as fused 3-D parameters: selected by name like their checkpoint tensors,
+    routers never, and `skip` keeps them dense."""
+    import transformers as tf
+
+    from conftest import tiny_config
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tiny_config("mixtral"))
+    found = [(n, p) for n, _, p in select_experts(model, CFG)]
+    assert found == [(f"model.layers.{i}.mlp.experts", ["gate_up_proj", "down_proj"]) for i in range(2)]
+    assert "model.layers.0.mlp.gate" not in {n for n, _ in select_linears(model, CFG)}  # the router
+    assert select_experts(model, CFG.replace(skip=("experts",))) == []
+    assert [p for _, _, p in select_experts(model, CFG.replace(skip=("down_proj",)))][0] == ["gate_up_proj"]

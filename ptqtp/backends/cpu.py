@@ -16,7 +16,6 @@ misreport their features); forcing one this CPU lacks raises `BadOptionError`.
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 
 import torch
@@ -43,12 +42,9 @@ _raw_isa = env_reader(ENV_ISA)
 
 @functools.lru_cache(maxsize=1)
 def _load():
-    """The compiled module, or the reason it cannot be used (loaded in exactly this one place)."""
-    try:
-        return importlib.import_module("ptqtp._C"), "built"
-    except Exception as err:  # ImportError, or an undefined symbol from a torch mismatch
-        return None, (f"ptqtp._C is not built ({type(err).__name__}: {err}); reinstall with "
-                      "`pip install --no-build-isolation -e .` where a C++ compiler exists")
+    """The compiled module, or the reason it cannot be used (found, or built on first use, by `ptqtp.native`)."""
+    from ..native import load_cpu
+    return load_cpu()
 
 
 def best_isa() -> str:
