@@ -15,12 +15,24 @@ from ._version import __version__
 from .errors import BadOptionError, FormatVersionError
 
 # Every method, in one place. Trit-plane methods are solved by `solver.decompose` and stored packed; the integer
-# RTN baselines (method -> bits) are stored as dense fake-quantized weights, for comparison only.
+# RTN baselines (method -> bits) are stored as dense fake-quantized weights, for comparison only. `rtn-intB` is
+# the format GPTQ/AutoGPTQ/HQQ store: asymmetric min/max per group over a range that holds 0, an fp16 scale and
+# a B-bit integer zero point. `-offset` rows use an fp16 offset (the group minimum) instead: 0 is then off the
+# grid, a weaker variant kept only to reproduce earlier tables.
 TRIT_METHODS = ("ptqtp", "paper", "rtn-ternary")
-INT_BASELINES = {"rtn-int2": 2, "rtn-int3": 3}
+INT_BASELINES = {"rtn-int2": 2, "rtn-int3": 3, "rtn-int4": 4, "rtn-int3-offset": 3}
+OFFSET_BASELINES = ("rtn-int3-offset",)
 METHODS = (*TRIT_METHODS, *INT_BASELINES)
 BASELINES = tuple(m for m in METHODS if m.startswith("rtn-"))  # compared against, never recommended
 BASELINE_KEY = "ptqtp_baseline"  # config.json block that labels an integer baseline's dense checkpoint
+
+
+def baseline_bits_per_weight(method: str, group_size: int) -> float:
+    """Bits per weight of an integer baseline as its format stores it: B bits per weight, and per group an fp16
+    scale plus a B-bit zero point (GPTQ packs `qzeros` at B bits) or, for `-offset`, an fp16 offset."""
+    bits = INT_BASELINES[method]
+    return bits + (16 + (16 if method in OFFSET_BASELINES else bits)) / group_size
+
 
 # Modules that stay dense unless the user says otherwise: the output head (and embeddings, which are
 # not Linears and are never touched).

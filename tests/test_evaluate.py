@@ -163,6 +163,6 @@ def test_quantized_dir_loads_through_the_same_path(tiny_model_dir, tmp_path, met
         report = json.loads((q_dir / "ptqtp_report.json").read_text())
         assert rec["bits_per_weight"] == pytest.approx(report["totals"]["bits_per_weight"], abs=1e-4)
         assert 3.4 < rec["bits_per_weight"] < 3.7
-    else:  # dense fake-quant: nominal int3 with fp16 scale and zero per group of 128
-        assert rec["bits_per_weight"] == 3.25 and rec["bits_per_weight_source"] == "nominal"
+    else:  # dense fake-quant: int3 as GPTQ stores it, an fp16 scale and a 3-bit zero point per group of 128
+        assert rec["bits_per_weight"] == round(3 + 19 / 128, 4) and rec["bits_per_weight_source"] == "nominal"
     assert math.isfinite(rec["perplexity"]["perplexity"]) and rec["perplexity"]["windows"] == 2
