@@ -1,4 +1,5 @@
-"""`TritPlaneConfig`: what to quantize and how, frozen and versioned; and the list of methods.
+"""`TritPlaneConfig`: what to quantize and how, frozen and versioned; and the list of methods (ptqtp's, its
+baselines', and the peer settings `ptqtp eval --peer` runs).
 
 Imports only `errors`, `format` and `_version`; no torch. The same object drives the CLI, `quantize_model`,
 `quantize_checkpoint` and the `quantization_config` written to config.json (`to_dict` / `from_dict`).
@@ -33,6 +34,27 @@ def baseline_bits_per_weight(method: str, group_size: int) -> float:
     bits = INT_BASELINES[method]
     return bits + (16 + (16 if method in OFFSET_BASELINES else bits)) / group_size
 
+
+@dataclass(frozen=True)
+class PeerMethod:
+    """A peer quantizer setting for `ptqtp eval --peer` (run by `peers`): its package, the ptqtp extra that
+    installs it, bits and group size."""
+
+    package: str  # PyPI distribution name
+    module: str  # its import name
+    extra: str  # `pip install 'ptqtp[extra]'`
+    bits: int
+    group_size: int
+    calibrated: bool = False
+
+
+PEER_METHODS = {
+    "hqq-int4-g64": PeerMethod("hqq", "hqq", "peers", 4, 64),
+    "hqq-int3-g64": PeerMethod("hqq", "hqq", "peers", 3, 64),
+    "hqq-int3-g128": PeerMethod("hqq", "hqq", "peers", 3, 128),
+    "gptq-int4-g128": PeerMethod("gptqmodel", "gptqmodel", "peers-gptq", 4, 128, calibrated=True),
+    "gptq-int3-g128": PeerMethod("gptqmodel", "gptqmodel", "peers-gptq", 3, 128, calibrated=True),
+}
 
 # Modules that stay dense unless the user says otherwise: the output head (and embeddings, which are
 # not Linears and are never touched).
