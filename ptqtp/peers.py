@@ -10,6 +10,8 @@ driver (`evaluate`) imports this module, never `import ptqtp`.
 from __future__ import annotations
 
 import importlib
+import os
+import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
 
@@ -78,16 +80,21 @@ def _gptq(path: str, tokenizer, spec: PeerMethod, device: torch.device, dtype: t
           calib_samples: int, calib_seq_len: int, log):
     """GPTQModel's own pipeline (asymmetric, act-order off, its other defaults) on `calib` tokens; returns the
     quantized Hugging Face model and what it stores."""
+    if (os.cpu_count() or 1) < 3:  # gptqmodel 7.7.0 wants 2 loader workers from a CPU pool of (cores + 1) // 2
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import GPTQModel, QuantizeConfig
 
     ids = load_calibration_tokens(calib, tokenizer, calib_samples, calib_seq_len)  # (n, seq_len)
     data = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
     cfg = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, sym=False, desc_act=False,
                          device=str(device))
-    wrapped = GPTQModel.load(path, cfg, device=str(device), dtype=dtype)
+    wrapped = GPTQModel.load(path, cfg, dtype=dtype)  # loads on CPU, quantizes on cfg.device
     log(f"gptqmodel: quantizing on {calib_samples} x {calib_seq_len} tokens of {calib}")
     wrapped.quantize(data, batch_size=1)
-    model = wrapped.model.eval()
+    with tempfile.TemporaryDirectory(prefix="ptqtp-gptq-") as tmp:  # its documented path: save, load to run
+        wrapped.save(tmp)
+        del wrapped
+        model = GPTQModel.load(tmp, device=str(device)).model.eval()
     stored, weights, linears = [], 0, 0
     for _, module in model.named_modules():
         if isinstance(getattr(module, "qweight", None), torch.Tensor) and hasattr(module, "in_features"):
