@@ -94,7 +94,7 @@ def _gptq(path: str, tokenizer, spec: PeerMethod, device: torch.device, dtype: t
     with tempfile.TemporaryDirectory(prefix="ptqtp-gptq-") as tmp:  # its documented path: save, load to run
         wrapped.save(tmp)
         del wrapped
-        model = GPTQModel.load(tmp, device=str(device)).model.eval()
+        model = GPTQModel.load(tmp, device=str(device), dtype=dtype).model.eval()
     stored, weights, linears = [], 0, 0
     for _, module in model.named_modules():
         if isinstance(getattr(module, "qweight", None), torch.Tensor) and hasattr(module, "in_features"):

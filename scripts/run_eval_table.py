@@ -60,9 +60,11 @@ def _label(method: str, rec: dict | None = None, args=None) -> str:
         zero = "fp16 offset, weaker variant" if method in OFFSET_BASELINES else "int zero point"
         return f"RTN int{INT_BASELINES[method]} g{g}, {zero} (baseline)"
     spec = PEER_METHODS[method]
-    version = ((rec or {}).get("peer") or {}).get("package_version")
+    peer = (rec or {}).get("peer") or {}
+    version = peer.get("package_version")
     name = {"hqq": "HQQ", "gptqmodel": "GPTQ"}[spec.package]
-    return f"{name} int{spec.bits} g{spec.group_size} ({spec.package}{' ' + version if version else ''})"
+    calib = f", {peer['calibration']}" if peer.get("calibration") else ""
+    return f"{name} int{spec.bits} g{spec.group_size} ({spec.package}{' ' + version if version else ''}{calib})"
 
 
 def _run(cmd: list[str], log: pathlib.Path) -> float:
@@ -261,6 +263,13 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
         notes.append("- † not held out: the calibrated row's calibration text is BoolQ passages. Its commands, "
                      "ablation and caveats: [CALIBRATED.md](CALIBRATED.md).")
     notes += [f"- {r['label']}: not run: {r['tasks_not_run']}" for r in rows if r["tasks_not_run"]]
+    for m, rec in results.items():  # a row measured in another environment says so
+        other = {k: rec.get("versions", {}).get(k) for k in ("torch", "transformers")
+                 if rec.get("versions", {}).get(k) not in (None, v.get(k))}
+        if other:
+            label = next(r["label"] for r in rows if r["method"] == m)
+            why = " (the package requires it)." if m in PEER_METHODS else "."
+            notes.append(f"- {label}: measured with " + ", ".join(f"{k} {x}" for k, x in other.items()) + why)
     notes += [
         "- quantize s: wall time of the `ptqtp quantize` process (start-up, load, solve, write); for peers the "
         "package's quantization inside `ptqtp eval`. eval s: perplexity plus tasks, model load excluded. "
