@@ -77,7 +77,8 @@ def evaluate(model_path: str, *, ppl: str | None = None, seq_len: int = 2048, ma
         "load_seconds": round(load_seconds, 3),
     }
     log(f"loaded {model_path}: method {meta['method']}, {meta['bits_per_weight']} bits/weight, "
-        f"{record['dtype']} on {record['device']} ({load_seconds:.1f} s)")
+        f"{meta['parameters'] / 1e6:.1f}M parameters ({meta['parameter_counts']['quantized'] / 1e6:.1f}M quantized), "
+        f"{meta['bytes']['total'] / 2**20:.1f} MiB, {record['dtype']} on {record['device']} ({load_seconds:.1f} s)")
     if text_path is not None:
         check_window_options(model, seq_len, max_windows, batch_size)
         ids = tokenize_text(tokenizer, read_text(text_path))
