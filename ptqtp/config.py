@@ -38,22 +38,21 @@ def baseline_bits_per_weight(method: str, group_size: int) -> float:
 @dataclass(frozen=True)
 class PeerMethod:
     """A peer quantizer setting for `ptqtp eval --peer` (run by `peers`): its package, the ptqtp extra that
-    installs it, bits and group size."""
+    installs it, bits and group size. GPTQ (gptqmodel) calibrates on `--calib`; HQQ needs no data."""
 
     package: str  # PyPI distribution name
     module: str  # its import name
     extra: str  # `pip install 'ptqtp[extra]'`
     bits: int
     group_size: int
-    calibrated: bool = False
 
 
 PEER_METHODS = {
     "hqq-int4-g64": PeerMethod("hqq", "hqq", "peers", 4, 64),
     "hqq-int3-g64": PeerMethod("hqq", "hqq", "peers", 3, 64),
     "hqq-int3-g128": PeerMethod("hqq", "hqq", "peers", 3, 128),
-    "gptq-int4-g128": PeerMethod("gptqmodel", "gptqmodel", "peers-gptq", 4, 128, calibrated=True),
-    "gptq-int3-g128": PeerMethod("gptqmodel", "gptqmodel", "peers-gptq", 3, 128, calibrated=True),
+    "gptq-int4-g128": PeerMethod("gptqmodel", "gptqmodel", "peers-gptq", 4, 128),
+    "gptq-int3-g128": PeerMethod("gptqmodel", "gptqmodel", "peers-gptq", 3, 128),
 }
 
 # Modules that stay dense unless the user says otherwise: the output head (and embeddings, which are
