@@ -103,6 +103,10 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "eval": ["lm-eval>=0.4.5", "matplotlib>=3.7"],
+        # peer quantizers for `ptqtp eval --peer` and the results table; never needed by ptqtp itself.
+        # gptqmodel 7.7.0 requires torch>=2.14.1: install it in its own environment.
+        "peers": ["hqq==0.2.8.post1"],
+        "peers-gptq": ["gptqmodel==7.7.0"],
         "test": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "triton>=3.0", "lm-eval>=0.4.5", "gguf>=0.10"],
         "dev": ["pytest>=8", "pytest-xdist>=3", "hypothesis>=6", "triton>=3.0", "lm-eval>=0.4.5", "gguf>=0.10",
                 "matplotlib>=3.7"],

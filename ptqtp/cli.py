@@ -11,7 +11,7 @@ import os
 import sys
 
 from ._version import __version__
-from .config import BASELINES
+from .config import BASELINES, PEER_METHODS
 from .errors import PtqtpError
 
 EPILOG = "Docs and examples: README.md. Set PTQTP_DEBUG=1 to show tracebacks."
@@ -87,6 +87,17 @@ def _add_eval(sub):
     p.add_argument("--data-dir", default=None, help="folder with the task JSONL files (default: the copies shipped with ptqtp)")
     p.add_argument("--output", default=None, help="write results JSON here (default: print it to stdout)")
     p.add_argument("--seed", type=int, default=0, help="seed for lm-eval sampling and few-shot draws (default 0)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="DIR|JSON",
+                   help="also evaluate these models (or read these `--output` JSON files) with the same settings "
+                   "and print them side by side with MODEL: perplexity, task metrics, bits, memory, parameters")
+    p.add_argument("--peer", default=None, choices=list(PEER_METHODS), metavar="METHOD",
+                   help="quantize the dense MODEL in memory with a peer package first, to compare with ptqtp on "
+                   f"your model: {', '.join(PEER_METHODS)} (pip install 'ptqtp[peers]' for hqq, "
+                   "'ptqtp[peers-gptq]' for gptq)")
+    p.add_argument("--calib", default="boolq", metavar="FILE|NAME",
+                   help="with a calibrated --peer (gptq): calibration text, as for `ptqtp quantize` (default boolq)")
+    p.add_argument("--calib-samples", type=int, default=128, help="with a calibrated --peer: sequences (default 128)")
+    p.add_argument("--calib-seq-len", type=int, default=2048, help="with a calibrated --peer: tokens per sequence")
     p.set_defaults(func=_run_eval)
 
 

@@ -1,4 +1,5 @@
-"""`TritPlaneConfig`: what to quantize and how, frozen and versioned; and the list of methods.
+"""`TritPlaneConfig`: what to quantize and how, frozen and versioned; and the list of methods (ptqtp's, its
+baselines', and the peer settings `ptqtp eval --peer` runs).
 
 Imports only `errors`, `format` and `_version`; no torch. The same object drives the CLI, `quantize_model`,
 `quantize_checkpoint` and the `quantization_config` written to config.json (`to_dict` / `from_dict`).
@@ -15,12 +16,44 @@ from ._version import __version__
 from .errors import BadOptionError, FormatVersionError
 
 # Every method, in one place. Trit-plane methods are solved by `solver.decompose` and stored packed; the integer
-# RTN baselines (method -> bits) are stored as dense fake-quantized weights, for comparison only.
+# RTN baselines (method -> bits) are stored as dense fake-quantized weights, for comparison only. `rtn-intB` is
+# the format GPTQ/AutoGPTQ/HQQ store: asymmetric min/max per group over a range that holds 0, an fp16 scale and
+# a B-bit integer zero point. `-offset` rows use an fp16 offset (the group minimum) instead: 0 is then off the
+# grid, a weaker variant kept only to reproduce earlier tables.
 TRIT_METHODS = ("ptqtp", "paper", "rtn-ternary")
-INT_BASELINES = {"rtn-int2": 2, "rtn-int3": 3}
+INT_BASELINES = {"rtn-int2": 2, "rtn-int3": 3, "rtn-int4": 4, "rtn-int3-offset": 3}
+OFFSET_BASELINES = ("rtn-int3-offset",)
 METHODS = (*TRIT_METHODS, *INT_BASELINES)
 BASELINES = tuple(m for m in METHODS if m.startswith("rtn-"))  # compared against, never recommended
 BASELINE_KEY = "ptqtp_baseline"  # config.json block that labels an integer baseline's dense checkpoint
+
+
+def baseline_bits_per_weight(method: str, group_size: int) -> float:
+    """Bits per weight of an integer baseline as its format stores it: B bits per weight, and per group an fp16
+    scale plus a B-bit zero point (GPTQ packs `qzeros` at B bits) or, for `-offset`, an fp16 offset."""
+    bits = INT_BASELINES[method]
+    return bits + (16 + (16 if method in OFFSET_BASELINES else bits)) / group_size
+
+
+@dataclass(frozen=True)
+class PeerMethod:
+    """A peer quantizer setting for `ptqtp eval --peer` (run by `peers`): its package, the ptqtp extra that
+    installs it, bits and group size. GPTQ (gptqmodel) calibrates on `--calib`; HQQ needs no data."""
+
+    package: str  # PyPI distribution name
+    module: str  # its import name
+    extra: str  # `pip install 'ptqtp[extra]'`
+    bits: int
+    group_size: int
+
+
+PEER_METHODS = {
+    "hqq-int4-g64": PeerMethod("hqq", "hqq", "peers", 4, 64),
+    "hqq-int3-g64": PeerMethod("hqq", "hqq", "peers", 3, 64),
+    "hqq-int3-g128": PeerMethod("hqq", "hqq", "peers", 3, 128),
+    "gptq-int4-g128": PeerMethod("gptqmodel", "gptqmodel", "peers-gptq", 4, 128),
+    "gptq-int3-g128": PeerMethod("gptqmodel", "gptqmodel", "peers-gptq", 3, 128),
+}
 
 # Modules that stay dense unless the user says otherwise: the output head (and embeddings, which are
 # not Linears and are never touched).

@@ -15,7 +15,7 @@ import torch
 from . import checkpoint as ckpt
 from . import format as fmt
 from . import selection
-from .baselines import fake_quantize_int
+from .baselines import fake_quantize_baseline
 from .config import INT_BASELINES, TritPlaneConfig
 from .errors import BadOptionError, NonFiniteWeightError, UnsupportedCheckpointError
 from .packing import PackedTritPlanes, expand_scales
@@ -58,9 +58,9 @@ class TensorConverter:
         del t
         if config.method in INT_BASELINES:
             check_finite(w, src.name)
-            bits = INT_BASELINES[config.method]
-            q = (fake_quantize_int(w, bits, config.group_size) if w.dim() == 2 else  # fused experts: per expert
-                 torch.stack([fake_quantize_int(w[e], bits, config.group_size) for e in range(w.shape[0])]))
+            method, group = config.method, config.group_size
+            q = (fake_quantize_baseline(w, method, group) if w.dim() == 2 else  # fused experts: per expert
+                 torch.stack([fake_quantize_baseline(w[e], method, group) for e in range(w.shape[0])]))
             err = _rel_error(w, q.to(torch.float32))
             row = _row(src, err, 0.0, time.perf_counter() - t0)
             return [(src.name, q.to(device="cpu", dtype=src.dtype).reshape(src.shape))], row

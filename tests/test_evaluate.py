@@ -163,6 +163,81 @@ def test_quantized_dir_loads_through_the_same_path(tiny_model_dir, tmp_path, met
         report = json.loads((q_dir / "ptqtp_report.json").read_text())
         assert rec["bits_per_weight"] == pytest.approx(report["totals"]["bits_per_weight"], abs=1e-4)
         assert 3.4 < rec["bits_per_weight"] < 3.7
-    else:  # dense fake-quant: nominal int3 with fp16 scale and zero per group of 128
-        assert rec["bits_per_weight"] == 3.25 and rec["bits_per_weight_source"] == "nominal"
+    else:  # dense fake-quant: int3 as GPTQ stores it, an fp16 scale and a 3-bit zero point per group of 128
+        assert rec["bits_per_weight"] == round(3 + 19 / 128, 4) and rec["bits_per_weight_source"] == "nominal"
     assert math.isfinite(rec["perplexity"]["perplexity"]) and rec["perplexity"]["windows"] == 2
+
+
+def test_parameters_count_quantized_weights_and_bytes_by_part(tiny_model_dir, tmp_path):
+    """A quantized model has as many parameters as its dense original; the bytes say where the memory goes."""
+    from ptqtp import format as fmt
+
+    dense_dir = tiny_model_dir("llama")
+    q_dir = tmp_path / "q"
+    assert main(["quantize", str(dense_dir), "-o", str(q_dir), "--quiet"]) == 0
+    common = dict(ppl="wikitext2-sample", seq_len=64, max_windows=1, device="cpu", dtype="float32",
+                  log=lambda m: None)
+    dense, quant = evaluate.evaluate(str(dense_dir), **common), evaluate.evaluate(str(q_dir), **common)
+    # the tiny llama: 2 layers of q,k,v,o (160x160, 80x160 twice, 160x160) and gate,up,down (288x160 / 160x288)
+    shapes = [(160, 160), (80, 160), (80, 160), (160, 160), (288, 160), (288, 160), (160, 288)] * 2
+    n_quant = sum(o * i for o, i in shapes)
+    emb = 512 * 160
+    assert dense["parameter_counts"] == {"quantized": 0, "embeddings": emb, "dense": dense["parameters"] - emb}
+    assert quant["parameters"] == dense["parameters"]
+    assert quant["parameter_counts"] == {"quantized": n_quant, "embeddings": emb,
+                                         "dense": dense["parameters"] - emb - n_quant}
+    b = quant["bytes"]
+    assert b["packed_planes"] == sum(2 * o * math.ceil(i / 5) for o, i in shapes)
+    assert b["scales"] == sum(2 * 2 * o * math.ceil(i / 128) for o, i in shapes)  # fp16, two planes
+    assert b["embeddings"] == emb * 4 and b["dense"] == (dense["parameters"] - emb - n_quant) * 4  # float32
+    assert b["total"] == b["packed_planes"] + b["scales"] + b["embeddings"] + b["dense"]
+    assert dense["bytes"]["total"] == dense["parameters"] * 4
+    stored = 8 * (b["packed_planes"] + b["scales"]) / n_quant
+    assert stored == pytest.approx(quant["bits_per_weight"], abs=1e-3)  # the same count `ptqtp quantize` reports
+    assert fmt.SCALE_SUFFIX == "weight_scale"
+
+
+def test_compare_prints_dense_and_quantized_side_by_side(tiny_model_dir, tmp_path, capsys):
+    dense_dir = tiny_model_dir("llama")
+    q_dir = tmp_path / "smol-q"
+    assert main(["quantize", str(dense_dir), "-o", str(q_dir), "--quiet"]) == 0
+    out = tmp_path / "cmp.json"
+    args = ["--ppl", "wikitext2-sample", "--seq-len", "64", "--max-windows", "2", "--device", "cpu"]
+    assert main(["eval", str(dense_dir), "--compare", str(q_dir), *args, "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    dense_rec, q_rec = json.loads(out.read_text())["compare"]
+    assert dense_rec["method"] == "fp" and q_rec["method"] == "ptqtp"
+    lines = {line.split("  ")[0]: line for line in table.splitlines()}
+    assert q_dir.name in table and "reference: " + dense_dir.name in table
+    ppl_line = next(v for k, v in lines.items() if k.startswith("perplexity (wikitext2-sample, 2 x 64)"))
+    ratio = q_rec["perplexity"]["perplexity"] / dense_rec["perplexity"]["perplexity"]
+    assert f"{dense_rec['perplexity']['perplexity']:.2f}" in ppl_line and f"({ratio:.2f}x)" in ppl_line
+    assert "32.00" in lines["bits/weight (quantized Linears)"]
+    assert f"{q_rec['bits_per_weight']:.2f}" in lines["bits/weight (quantized Linears)"]
+    mem = q_rec["bytes"]["total"] / dense_rec["bytes"]["total"]
+    assert f"({mem:.2f}x)" in lines["memory as loaded"] and mem < 0.8
+    assert f"{q_rec['parameters'] / 1e6:.1f}M" in lines["parameters"]
+
+    # a results JSON stands for its model: the same table without evaluating it again
+    single = tmp_path / "q.json"
+    assert main(["eval", str(q_dir), *args, "--output", str(single)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(dense_dir), "--compare", str(single), *args]) == 0
+    again = capsys.readouterr().out
+    assert [ln for ln in again.splitlines() if ln.startswith("perplexity")] == \
+        [ln for ln in table.splitlines() if ln.startswith("perplexity")]
+
+
+def test_compare_refuses_records_of_another_protocol(tiny_model_dir, tmp_path, capsys):
+    dense_dir = tiny_model_dir("llama")
+    rec = tmp_path / "r.json"
+    assert main(["eval", str(dense_dir), "--ppl", "wikitext2-sample", "--seq-len", "64", "--max-windows", "1",
+                 "--device", "cpu", "--output", str(rec)]) == 0
+    capsys.readouterr()
+    rc = main(["eval", str(dense_dir), "--compare", str(rec), "--ppl", "wikitext2-sample", "--seq-len", "64",
+               "--max-windows", "2", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and err[-1].startswith("error: --compare") and "windows 1 vs 2" in err[-1]
+    rc = main(["eval", str(dense_dir), "--compare", str(tmp_path / "missing-dir"), "--ppl", "wikitext2-sample"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and "missing-dir does not exist" in err[0]
