@@ -82,7 +82,7 @@ class PtqtpConfig(QuantizationConfigMixin):
 
 
 def _stored_packed(checkpoint_files) -> dict[str, tuple[int, ...]] | None:
-    """Name -> shape of every packed tensor of a safetensors checkpoint (a tensor beside its `_scale`).
+    """Name -> shape of every packed tensor of a safetensors checkpoint (`checkpoint.packed_pairs` decides).
 
     Reads headers only. The checkpoint, not the config's rules, decides which modules become shells, so a
     Linear the writer kept dense loads dense. Shards of a newer format raise `FormatVersionError`.
@@ -95,9 +95,8 @@ def _stored_packed(checkpoint_files) -> dict[str, tuple[int, ...]] | None:
             return None  # not written by ptqtp (e.g. .bin): fall back to the config's rules
         header = ckpt.read_header(path)
         ckpt.check_metadata_version(header)
-        for name, spec in header.tensors.items():
-            if ckpt.scale_name(name) in header.tensors:
-                packed[name] = tuple(spec.shape)
+        for name in ckpt.packed_pairs(header.tensors):
+            packed[name] = tuple(header.tensors[name].shape)
     return packed
 
 

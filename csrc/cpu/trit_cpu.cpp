@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // the AVX2 kernel below; other CPUs build the generic one only
+#endif
 
 namespace ptqtp_cpu {
 

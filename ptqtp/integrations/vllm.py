@@ -35,7 +35,6 @@ from ..errors import CorruptCheckpointError, UnsupportedCheckpointError
 from ..ops import trit_linear_eager
 from . import sharding
 
-_SCALE_TAIL = "_scale"  # a packed tensor T has its scales in T + "_scale" (`X.weight` -> `X.weight_scale`)
 
 
 def stored_packed_modules(model_dir) -> set[str] | None:
@@ -44,13 +43,9 @@ def stored_packed_modules(model_dir) -> set[str] | None:
     files = sorted(pathlib.Path(model_dir).glob("*.safetensors")) if os.path.isdir(model_dir) else []
     if not files:
         return None
-    from safetensors import safe_open
+    from .. import checkpoint as ckpt
 
-    keys: set[str] = set()
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            keys.update(sf.keys())
-    return {k.rsplit(".", 1)[0] for k in keys if k + _SCALE_TAIL in keys}
+    return {name.rsplit(".", 1)[0] for f in files for name in ckpt.packed_pairs(ckpt.read_header(f).tensors)}
 
 
 class PtqtpVllmConfig(QuantizationConfig):
