@@ -216,6 +216,18 @@ def test_dense_tensors_named_like_scales_are_the_models_own(tiny_model_dir, tmp_
     assert quantize_checkpoint(src, out, cfg, resume=True, show_progress=False) == report
 
 
+def test_loader_takes_only_ptqtp_pairs_for_packed(tmp_path):
+    """The transformers loader makes a packed shell only for what ptqtp wrote: a dense `X` beside a dense
+    `X_scale` (a model's own tensors) stays dense, so it loads as the model defines it."""
+    from ptqtp import hf
+
+    planes = torch.zeros(2, 4, 26, dtype=torch.uint8)  # (planes, out, ceil(128 / 5))
+    tensors = {"m.proj.weight": planes, "m.proj.weight_scale": torch.ones(2, 4, 1, dtype=torch.float16),
+               "m.gate.per_expert": torch.rand(8), "m.gate.per_expert_scale": torch.rand(8)}
+    ckpt.write_shard(tmp_path / "model.safetensors", tensors, ckpt.ptqtp_metadata())
+    assert hf._stored_packed([str(tmp_path / "model.safetensors")]) == {"m.proj.weight": (2, 4, 26)}
+
+
 @pytest.mark.parametrize("drop", ["scales", "packed"])
 def test_half_a_packed_pair_is_corrupt(quantized_dir, tmp_path, drop):
     d = _copy(quantized_dir, tmp_path / drop)
