@@ -214,8 +214,9 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
     lines = [
         "# Results: SmolLM2-135M, full precision vs ptqtp vs baselines and peer quantizers",
         "",
-        ("**Bounded run (a check of the pipeline, not the final table):** perplexity on the first "
-         f"{ppl.get('windows')} windows, tasks on the first {args.limit or 'all'} items."
+        ("**Bounded protocol** (the whole text and every item take hours per row on a 2-core CPU): perplexity "
+         f"on the first {ppl.get('windows')} windows, tasks on the first {args.limit or 'all'} items, the same for "
+         "every row."
          if bounded else "Whole WikiText-2 test text and every item of each task."),
         "",
         f"- Table written: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
@@ -274,7 +275,10 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
                      "package stores per quantized Linear (HQQ: packed ints, its 3-bit packing takes 3.2 bits, "
                      "plus an fp16 scale and an fp16 (non-integer) zero per group, rounded to fp16 as HQQ stores "
                      "them at fp16 compute dtype). HQQ is calibration-free and runs its own defaults (optimized "
-                     "zero point, axis 1).")
+                     "zero point, axis 1). GPTQ (`pip install 'ptqtp[peers-gptq]'`, its own environment: it "
+                     "requires a newer torch): GPTQModel's pipeline (asymmetric, act-order off) on BoolQ calibration "
+                     "text; its bits/weight count the packed `qweight` and `qzeros`, the fp16 `scales` and the int32 "
+                     "`g_idx` it stores; it is measured with those weights dequantized by its own torch kernel.")
     if any(r["method"] == "ptqtp-calib" for r in rows):
         notes.append("- † not held out: the calibrated row's calibration text is BoolQ passages. Its commands, "
                      "ablation and caveats: [CALIBRATED.md](CALIBRATED.md).")
@@ -290,13 +294,13 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
         "- quantize s: wall time of the `ptqtp quantize` process (start-up, load, solve, write); for peers the "
         "package's quantization inside `ptqtp eval`. eval s: perplexity plus tasks, model load excluded. "
         "Baselines are labelled: they exist for comparison.",
-        "- Each row was measured at: " + "; ".join(
-            f"{r['label']} {r['date']}" + (f" (recorded run, `{r['recorded']}`)" if r["recorded"] else "")
+        "- Each row was measured at:" + "".join(
+            f"\n  - {r['label']}: {r['date']}" + (f" (recorded run, `{r['recorded']}`)" if r["recorded"] else "")
             + (f" on {r['machine']}" if r["machine"] else "")
             + (f", {r['threads']} thread{'s' if r['threads'] != 1 else ''}" if r.get("threads") else "")
             + (f", load average {r['load']} at its start" if r.get("load") else "")
             for r in rows if r["date"])
-        + (" (`--reuse` kept rows measured by an earlier invocation with the same settings)." if args.reuse else "."),
+        + ("\n  - (`--reuse` kept rows measured by an earlier invocation with the same settings.)" if args.reuse else ""),
         "",
         f"![perplexity vs bits per weight]({plot})",
         "",
@@ -308,6 +312,25 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines).replace("\n\n\n", "\n\n"))
     os.replace(tmp, path)
+
+
+PLOT_YMAX = 3000  # perplexity; points above it are drawn at the top edge with their value
+# label offsets (points) where rows sit close together; a negative dx puts the label on the left
+PLOT_OFFSETS = {"ptqtp": (-7, 0), "ptqtp-calib": (-7, 0), "paper": (-7, 3), "hqq-int3-g64": (7, 5),
+                "rtn-int3": (-7, 0), "rtn-int4": (-7, 4), "gptq-int4-g128": (7, -8), "gptq-int3-g128": (7, -6),
+                "hqq-int3-g128": (7, -4), "rtn-int3-offset": (7, 3)}
+
+
+def _short(method: str) -> str:
+    """The row's name on the plot."""
+    if method in PEER_METHODS:
+        spec = PEER_METHODS[method]
+        name = {"hqq": "HQQ", "gptqmodel": "GPTQ"}[spec.package]
+        return f"{name} int{spec.bits} g{spec.group_size}"
+    if method in INT_BASELINES:
+        return f"RTN int{INT_BASELINES[method]}" + (" fp16 offset" if method in OFFSET_BASELINES else "")
+    return {"ptqtp": "ptqtp", "ptqtp-calib": "ptqtp --calib", "paper": "paper (Alg. 1)",
+            "rtn-ternary": "RTN ternary"}.get(method, method)
 
 
 def _plot(path: pathlib.Path, rows: list[dict], title: str) -> None:
@@ -329,21 +352,25 @@ def _plot(path: pathlib.Path, rows: list[dict], title: str) -> None:
             continue
         kind = "peer" if r["method"] in PEER_METHODS else "baseline" if r["method"] in BASELINES else "ptqtp"
         marker, color = kinds[kind]
-        ax.scatter([r["bpw"]], [r["ppl"]], marker=marker, s=40, color=color,
+        off_scale = r["ppl"] > PLOT_YMAX  # drawn at the top edge, its value in the label
+        y = PLOT_YMAX / 1.6 if off_scale else r["ppl"]
+        ax.scatter([r["bpw"]], [y], marker=marker, s=40, color=color, clip_on=False,
                    label=None if kind in shown else {"ptqtp": "ptqtp", "baseline": "RTN baselines",
                                                      "peer": "peer packages"}[kind])
         shown.add(kind)
-        ax.annotate(r["label"].split(" (baseline)")[0], (r["bpw"], r["ppl"]), textcoords="offset points",
-                    xytext=(5, 3), fontsize=6.5)
+        dx, dy = PLOT_OFFSETS.get(r["method"], (6, 2))
+        text = _short(r["method"]) + (f" (ppl {r['ppl']:.2g}, off scale)" if off_scale else "")
+        ax.annotate(text, (r["bpw"], y), textcoords="offset points", xytext=(dx, dy), fontsize=7,
+                    ha="right" if dx < 0 else "left", va="center")
     xs = [r["bpw"] for r in rows if r["method"] != "fp" and r["bpw"] is not None and r["ppl"] is not None]
-    ax.set_xlim(min(xs + [2.0]) - 0.3, max(xs + [4.0]) + 1.6)
+    ax.set_xlim(min(xs + [2.0]) - 0.6, max(xs + [4.0]) + 0.9)
     ax.set_yscale("log")
-    ax.margins(y=0.15)
+    ax.set_ylim(10, PLOT_YMAX)
     ax.set_xlabel("bits per weight (quantized Linears, as each format stores them)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp)
