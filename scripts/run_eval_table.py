@@ -282,7 +282,7 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
     if any(r["method"] == "ptqtp-calib" for r in rows):
         notes.append("- † not held out: the calibrated row's calibration text is BoolQ passages. Its commands, "
                      "ablation and caveats: [CALIBRATED.md](CALIBRATED.md).")
-    notes += [f"- {r['label']}: not run: {r['tasks_not_run']}" for r in rows if r["tasks_not_run"]]
+    notes += [f"- {r['label']}: tasks not run: {r['tasks_not_run']}" for r in rows if r["tasks_not_run"]]
     for m, rec in results.items():  # a row measured in another environment says so
         other = {k: rec.get("versions", {}).get(k) for k in ("torch", "transformers")
                  if rec.get("versions", {}).get(k) not in (None, v.get(k))}
@@ -318,7 +318,7 @@ PLOT_YMAX = 3000  # perplexity; points above it are drawn at the top edge with t
 # label offsets (points) where rows sit close together; a negative dx puts the label on the left
 PLOT_OFFSETS = {"ptqtp": (-7, 0), "ptqtp-calib": (-7, 0), "paper": (-7, 3), "hqq-int3-g64": (7, 5),
                 "rtn-int3": (-7, 0), "rtn-int4": (-7, 4), "gptq-int4-g128": (7, -8), "gptq-int3-g128": (7, -6),
-                "hqq-int3-g128": (7, -4), "rtn-int3-offset": (7, 3)}
+                "hqq-int3-g128": (7, 5), "rtn-int3-offset": (-7, -3)}
 
 
 def _short(method: str) -> str:
@@ -360,6 +360,8 @@ def _plot(path: pathlib.Path, rows: list[dict], title: str) -> None:
         shown.add(kind)
         dx, dy = PLOT_OFFSETS.get(r["method"], (6, 2))
         text = _short(r["method"]) + (f" (ppl {r['ppl']:.2g}, off scale)" if off_scale else "")
+        if r["method"] in PEER_METHODS and ", " in r["label"]:  # a calibrated peer: say on how much text
+            text += " (" + r["label"].split(", ", 1)[1]
         ax.annotate(text, (r["bpw"], y), textcoords="offset points", xytext=(dx, dy), fontsize=7,
                     ha="right" if dx < 0 else "left", va="center")
     xs = [r["bpw"] for r in rows if r["method"] != "fp" and r["bpw"] is not None and r["ppl"] is not None]
@@ -430,7 +432,8 @@ def main(argv=None) -> int:
     args.load_at_start = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     work = pathlib.Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    model = pathlib.Path(args.model) if args.model else _smollm2(work)
+    to_measure = [m for m in args.methods if m not in skipped and m not in args.recorded_paths]
+    model = pathlib.Path(args.model) if args.model else _smollm2(work) if to_measure else None  # export once, if needed
 
     quant, results = {}, {}
     for method in args.methods:
