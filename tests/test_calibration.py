@@ -296,7 +296,10 @@ def test_calibrated_checkpoint_has_the_calibration_free_format_and_loads(tiny_mo
     assert _headers(cal_dir) == _headers(free_dir)
     cfg_free = json.loads((free_dir / "config.json").read_text())["quantization_config"]
     cfg_cal = json.loads((cal_dir / "config.json").read_text())["quantization_config"]
+    settings = cfg_cal.pop("calibration")  # how it was calibrated, recorded for readers; otherwise the same
     assert cfg_cal == cfg_free
+    assert {k: settings[k] for k in ("text", "samples", "seq_len")} == {"text": "boolq", "samples": 4, "seq_len": 64}
+    assert ptqtp.TritPlaneConfig.from_dict({**cfg_cal, "calibration": settings}).calibration == settings
     assert not (cal_dir / ".calib-partial").exists()
     report = json.loads((cal_dir / "ptqtp_report.json").read_text())
     assert report["calibration"]["samples"] == 4 and report["calibration"]["linears"] == 14
@@ -374,7 +377,7 @@ def test_finished_calibrated_run_resumes_as_a_no_op(tiny_model_dir, tmp_path, mo
     def never(*args, **kwargs):
         raise AssertionError("a finished run was calibrated again")
 
-    monkeypatch.setattr(ptqtp.calibrated, "calibrate_model", never)
+    monkeypatch.setattr(ptqtp.calibrated, "calibrate_layers", never)
     assert ptqtp.quantize_checkpoint(src, out, config, resume=True, **CALIB) == report
     assert _tree(out) == before
     with pytest.raises(OutputExistsError, match="other options"):  # other calibration text
