@@ -28,6 +28,7 @@ import json
 import math
 import pathlib
 import time
+from collections.abc import Mapping
 
 import torch
 
@@ -64,20 +65,57 @@ def _save_layer(partial, result: LayerResult) -> None:
     ckpt.write_shard(_layer_file(partial, result.index), tensors)
 
 
-def _load_layers(partial, group_size: int) -> dict[int, dict[str, TritPlanes]]:
-    """Finished layers saved by an interrupted run (files are complete or absent: written atomically)."""
-    done: dict[int, dict[str, TritPlanes]] = {}
-    for path in sorted(partial.glob("layer-*.safetensors")):
-        header = ckpt.read_header(path)
-        planes = {}
-        for key in header.tensors:
-            if key.endswith(".packed"):
-                name = key[: -len(".packed")]
-                in_f = int(header.read(f"{name}.shape")[1])
-                p = PackedTritPlanes(header.read(key), header.read(f"{name}.scales"), in_f, group_size)
-                planes[name] = p.to_trit_planes()
-        done[int(path.stem.split("-")[1])] = planes
-    return done
+def _read_layer(path, group_size: int) -> dict[str, TritPlanes]:
+    """One saved layer's planes (files are complete or absent: written atomically)."""
+    header = ckpt.read_header(path)
+    planes = {}
+    for key in header.tensors:
+        if key.endswith(".packed"):
+            name = key[: -len(".packed")]
+            in_f = int(header.read(f"{name}.shape")[1])
+            planes[name] = PackedTritPlanes(header.read(key), header.read(f"{name}.scales"), in_f,
+                                            group_size).to_trit_planes()
+    return planes
+
+
+class _SavedLayers(Mapping):
+    """Layer index -> its planes, for the layers saved in OUT/.calib-partial; each read from disk when asked
+    for, so memory never holds more than one layer's planes."""
+
+    def __init__(self, partial, group_size: int):
+        self.partial, self.group_size = partial, group_size
+        self.paths = {int(p.stem.split("-")[1]): p for p in sorted(partial.glob("layer-*.safetensors"))}
+
+    def __getitem__(self, index: int) -> dict[str, TritPlanes]:
+        return _read_layer(self.paths[index], self.group_size)
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+class _SavedPlanes:
+    """Weight name -> TritPlanes from the saved layers, one layer file read at a time (the writer asks for the
+    weights in checkpoint order, layer after layer), for `converter.TensorConverter`."""
+
+    def __init__(self, layers: _SavedLayers):
+        self.layers = layers
+        self.where = {f"{key[: -len('.packed')]}.weight": index for index, path in layers.paths.items()
+                      for key in ckpt.read_header(path).tensors if key.endswith(".packed")}
+        self._index, self._planes = None, {}
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def get(self, name: str) -> TritPlanes | None:
+        index = self.where.get(name)
+        if index is None:
+            return None
+        if index != self._index:
+            self._index, self._planes = index, self.layers[index]
+        return self._planes[name[: -len(".weight")]]
 
 
 def _compute_dtype(model_dir, device: torch.device) -> torch.dtype:
@@ -156,11 +194,12 @@ def _calibrate(run, source, tokens, config, device, damp, feedback, show_progres
         if json.loads((partial / _STATE_NAME).read_text()) != state:
             raise OutputExistsError(f"{run.path} holds an interrupted calibrated run of another source, text or "
                                     "options; rerun with the same ones, or pass --overwrite to start over.")
-        done = _load_layers(partial, config.group_size)
+        done = _SavedLayers(partial, config.group_size)
 
     model = StreamedModel(source, _compute_dtype(source.path, device), device)  # no weights loaded yet
-    work = {name: m.weight.numel() for i, layer in enumerate(model.layers)
-            for name, m in select_linears(layer, config, f"{model.prefix}.{i}")}
+    layer_of = {name: i for i, layer in enumerate(model.layers)
+                for name, _ in select_linears(layer, config, f"{model.prefix}.{i}")}
+    work = {name: model.model.get_submodule(name).weight.numel() for name in layer_of}
     _check_weights(source, work)
     model.check()
     partial.mkdir(parents=True, exist_ok=True)
@@ -168,15 +207,16 @@ def _calibrate(run, source, tokens, config, device, damp, feedback, show_progres
     hidden, layer_inputs = capture_layer_inputs(model.model, None, model.layers, embeds=model.input_embeddings(tokens),
                                                 device=device)  # (n, seq, hidden) layer-0 inputs, ACT_DTYPE
     bar = progress_bar(len(work), show_progress, "calibrate", "tensor", total_work=sum(work.values()))
-    bar.skip(sum(len(v) for v in done.values()), sum(work[n] for v in done.values() for n in v))
+    skipped = [n for n in work if layer_of[n] in done]
+    bar.skip(len(skipped), sum(work[n] for n in skipped))
     try:
-        planes = calibrate_layers(len(model.layers), model.load, hidden, layer_inputs, config, prefix=model.prefix,
+        calibrate_layers(len(model.layers), model.load, hidden, layer_inputs, config, prefix=model.prefix,
                                   device=device, damp=damp, feedback=feedback, done=done,
                                   on_layer=lambda r: _save_layer(partial, r),
-                                  on_linear=lambda name: bar.update(1, name, work[name]), release=model.release)
+                                  on_linear=lambda name: bar.update(1, name, work[name]), release=model.release, keep=False)
     finally:
         bar.close()
-    return {f"{name}.weight": tp for name, tp in planes.items()}, time.perf_counter() - t_start
+    return _SavedPlanes(_SavedLayers(partial, config.group_size)), time.perf_counter() - t_start
 
 
 def calibration_settings(calib: str, calib_path, tokens_sha256: str, samples: int, seq_len: int, damp: float,

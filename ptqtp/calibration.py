@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -191,13 +192,15 @@ def _check_method(config: TritPlaneConfig) -> None:
 @torch.no_grad()
 def calibrate_layers(num_layers: int, load: Callable[[int], nn.Module], hidden: torch.Tensor, layer_inputs: list,
                      config: TritPlaneConfig, *, prefix: str, device: torch.device, damp: float = DEFAULT_DAMP,
-                     feedback: bool = DEFAULT_FEEDBACK, done: dict[int, dict[str, TritPlanes]] | None = None,
+                     feedback: bool = DEFAULT_FEEDBACK, done: Mapping[int, dict[str, TritPlanes]] | None = None,
                      on_layer: Callable[[LayerResult], None] | None = None,
                      on_linear: Callable[[str], None] | None = None,
-                     release: Callable[[int, nn.Module], None] | None = None) -> dict[str, TritPlanes]:
+                     release: Callable[[int, nn.Module], None] | None = None,
+                     keep: bool = True) -> dict[str, TritPlanes]:
     """The engine: decoder layers one at a time, from `load(i)` (the full-precision layer on `device`), on the
     layer-0 inputs `hidden` (n, seq, hidden; CPU, compact dtype; overwritten); `release(i, layer)` when done
-    with it (its Linears then compute with the stored planes). Arguments otherwise as for `calibrate_model`."""
+    with it (its Linears then compute with the stored planes). `keep=False`: the planes are only handed to
+    `on_layer` (memory holds one layer's), and {} is returned. Otherwise as for `calibrate_model`."""
     _check_method(config)
     done = done or {}
     results: dict[str, TritPlanes] = {}
@@ -221,12 +224,14 @@ def calibrate_layers(num_layers: int, load: Callable[[int], nn.Module], hidden: 
                                      feedback)
         for name, linear in linears.items():
             _set_weight(linear, planes[name])
-        results.update(planes)
+        if keep:
+            results.update(planes)
         if release is not None:
             release(li, layer)
         hidden, out = out, hidden
         if li not in done and on_layer is not None:
             on_layer(LayerResult(li, planes, time.perf_counter() - start))
+        del planes
     return results
 
 

@@ -499,3 +499,54 @@ def test_interrupted_calibrated_run_resumes_only_with_its_text_and_source(tiny_m
         with pytest.raises(OutputExistsError, match="interrupted calibrated run of another source, text or options"):
             ptqtp.quantize_checkpoint(str(source), out, config, resume=True, **kw)
         assert _tree(out) == before
+
+
+# ------------------------------------------------------------------------------------- streaming, bounded memory
+
+
+def test_row_chunked_refit_equals_the_whole_refit():
+    """The refit's memory bound (rows solved a chunk at a time) changes no scale."""
+    from ptqtp.hessian_fit import refit_scales_h
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 300, generator=g, dtype=torch.float64)  # a partial last group
+    x = torch.randn(600, 300, generator=g, dtype=torch.float64) * torch.rand(300, generator=g, dtype=torch.float64)
+    h = x.T @ x / x.shape[0]
+    tp = ptqtp.decompose(w.float(), group_size=64)
+    whole = refit_scales_h(w, h, tp.planes, tp.scales.double(), 64, max_bytes=1 << 40)
+    for max_bytes in (1, 200_000):  # one row at a time; a few rows at a time
+        torch.testing.assert_close(refit_scales_h(w, h, tp.planes, tp.scales.double(), 64, max_bytes=max_bytes),
+                                   whole, rtol=0, atol=0)
+    assert not torch.equal(whole, tp.scales.double())  # the refit did move scales
+
+
+def test_streamed_hessians_are_those_of_the_full_precision_model(tiny_model_dir, tmp_path, monkeypatch):
+    """Layer by layer from the checkpoint, each Linear's H is X^T X / n of its inputs in the whole full-precision
+    model on the calibration tokens (up to the bf16 storage of activations between layers), every layer."""
+    import ptqtp.calibration as calibration
+
+    src = tiny_model_dir("llama")
+    model, tok = _load(src)
+    ids = load_calibration_tokens("boolq", tok, num_samples=2, seq_len=32)
+    want, handles = {}, []
+    for name, m in model.named_modules():
+        if name.endswith(("q_proj", "o_proj", "gate_proj", "down_proj")):
+            def hook(mod, inp, out, name=name):
+                x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+                want[name] = want.get(name, 0) + x.T @ x / (ids.numel())
+            handles.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(ids)
+    got, real = [], calibration.gptq_trit_planes
+
+    def record(w, h, *args, **kwargs):
+        got.append(h.double())
+        return real(w, h, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "gptq_trit_planes", record)
+    ptqtp.quantize_checkpoint(str(src), tmp_path / "cal", ptqtp.TritPlaneConfig(max_iters=FAST_ITERS),
+                              calib="boolq", calib_samples=2, calib_seq_len=32, show_progress=False)
+    assert len(got) == len(want) == 4 * model.config.num_hidden_layers
+    for h, (name, ref) in zip(got, want.items()):
+        rel = float(torch.linalg.norm(h - ref) / torch.linalg.norm(ref))
+        assert rel < 1e-2, (name, rel)
