@@ -181,13 +181,31 @@ def refit_scales_h(weight: torch.Tensor, hessian: torch.Tensor, planes: torch.Te
     width = num_groups * group_size
     pad = width - in_f
     hp = torch.nn.functional.pad(hessian.to(weight.dtype), (0, pad, 0, pad))  # (width, width)
-    per_row = 8 * (2 * num_groups) ** 2 * 3 + weight.element_size() * width * 6  # gram, solve copies, t/v/wh rows
+    per_row = 8 * (2 * num_groups) ** 2 * 4 + weight.element_size() * width * 8  # gram, solve copies, t/v/wh rows
     rows = max(1, int(max_bytes) // per_row)
     out = torch.empty_like(scales, dtype=weight.dtype)
     for r0 in range(0, out_f, rows):
         r1 = min(r0 + rows, out_f)
         out[:, r0:r1] = _refit_rows(weight[r0:r1], hp, planes[:, r0:r1], scales[:, r0:r1], group_size, pad)
     return out
+
+
+def _trit_gram(t: torch.Tensor, hp: torch.Tensor, num_groups: int, group_size: int) -> torch.Tensor:
+    """Per row r, M_r = A_r H A_r^T in float64 (rows, 2G, 2G), A_r the trits of row r masked to each (plane,
+    group). M_r is symmetric, so only the blocks of group pairs g' >= g are computed (half the matmuls, the
+    cost of the refit): block (g, g') = T[:, g] H[g, g'] T[:, g']^T, one matmul per g over the later columns."""
+    rows = t.shape[1]
+    tg = t.view(2, rows, num_groups, group_size).permute(1, 0, 2, 3)  # (rows, 2, G, gs)
+    gram = torch.zeros(rows, 2, num_groups, 2, num_groups, dtype=torch.float64, device=t.device)
+    for g in range(num_groups):
+        cols = slice(g * group_size, (g + 1) * group_size)
+        v = t[:, :, cols].reshape(2 * rows, group_size) @ hp[cols, g * group_size:]  # (2 rows, later columns)
+        v = v.view(2, rows, num_groups - g, group_size)
+        gram[:, :, g, :, g:] = torch.einsum("krgc,rjgc->rkjg", v, tg[:, :, g:]).double()
+    gram = gram.view(rows, 2 * num_groups, 2 * num_groups)
+    block = torch.arange(2 * num_groups, device=t.device) % num_groups  # (2G,) group of each index
+    same = (block.unsqueeze(0) == block.unsqueeze(1)).to(gram.dtype)  # (2G, 2G): diagonal blocks, filled whole
+    return gram + gram.transpose(1, 2) * (1 - same)
 
 
 def _refit_rows(weight, hp, planes, scales, group_size, pad):
@@ -200,13 +218,7 @@ def _refit_rows(weight, hp, planes, scales, group_size, pad):
     rhs = (t * wh).view(2, out_f, num_groups, group_size).sum(-1)  # (2, rows, G)
     del wh
     rhs = rhs.permute(1, 0, 2).reshape(out_f, 2 * num_groups).double()  # (rows, 2G), index k * G + g
-    gram = torch.empty(out_f, 2 * num_groups, 2 * num_groups, dtype=torch.float64, device=weight.device)
-    for k in range(2):
-        for g in range(num_groups):
-            cols = slice(g * group_size, (g + 1) * group_size)
-            v = t[k, :, cols] @ hp[cols, :]  # (rows, width): row r = T_k[r, g] H[g, :]
-            gram[:, k * num_groups + g, :] = (t * v).view(2, out_f, num_groups, group_size).sum(-1).permute(
-                1, 0, 2).reshape(out_f, 2 * num_groups).double()
+    gram = _trit_gram(t, hp, num_groups, group_size)  # (rows, 2G, 2G)
     del t
     diag = gram.diagonal(dim1=1, dim2=2)  # (rows, 2G)
     empty = diag <= 0  # planes of a group with no trit (or only dead inputs): keep their scale at zero
