@@ -304,7 +304,7 @@ def _quantize_layer(layer, linears, hidden, out, args, kwargs, device, config, d
             h.remove()
     planes = {}
     for k, names in enumerate(groups):
-        h = hess[k] / max(count[k], 1)  # (in, in)
+        h = hess[k].div_(max(count[k], 1))  # (in, in), in place: one copy of a wide H is enough
         hess[k] = None
         w = torch.cat([linears[n].weight.data for n in names], dim=0)  # (sum of out, in)
         tp = gptq_trit_planes(w, h, config.group_size, config.method, config.max_iters, config.tol, damp,

@@ -36,7 +36,7 @@ from .solver import FP16_MAX, TritPlanes, decompose
 
 DEFAULT_DAMP = 1.0  # fraction of the mean Hessian diagonal added to it (GPTQ's percdamp; see the module doc)
 DEFAULT_FEEDBACK = False  # GPTQ error feedback off by default: it lost to weighted scales + refit (module doc)
-REFIT_CHUNK_BYTES = 256 << 20  # working-memory bound of the scale refit (rows solved per chunk)
+REFIT_CHUNK_BYTES = 128 << 20  # working-memory bound of the scale refit (rows solved per chunk)
 LAZY_BLOCK = 32  # columns updated one by one before their error is pushed on with one matmul (GPTQ's blocks)
 
 # the 9 trit pairs (t1, t2); (0, 0) first so that ties (e.g. zero scales) pick the zero level
@@ -89,12 +89,14 @@ def gptq_trit_planes(weight: torch.Tensor, hessian: torch.Tensor, group_size: in
     if tuple(hessian.shape) != (in_f, in_f):
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight in_features {in_f}")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w = weight.to(dtype).clone()  # (out, in), dead inputs zeroed; the feedback updates a permuted copy
-    h = hessian.to(device=w.device, dtype=dtype).clone()  # (in, in)
+    w = weight.to(dtype)  # (out, in); the feedback updates a permuted copy
+    h = hessian.to(device=w.device, dtype=dtype)  # (in, in)
     if not (torch.isfinite(w).all() and torch.isfinite(h).all()):
         raise NonFiniteWeightError("weight or calibration activations hold NaN/Inf; the model overflows in its "
                                    "dtype: quantize from a float32 or bfloat16 checkpoint.")
     dead = h.diagonal() == 0  # (in,) inputs never seen: their weights cannot matter to the output
+    if bool(dead.any()):  # copies only then (a wide layer's H is hundreds of MB): the caller's stay as given
+        w, h = w.clone(), h.clone()
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     importance = h.diagonal().clone() if weighted_scales and method == "ptqtp" else None  # (in,)
@@ -180,8 +182,9 @@ def refit_scales_h(weight: torch.Tensor, hessian: torch.Tensor, planes: torch.Te
     num_groups = scales.shape[-1]
     width = num_groups * group_size
     pad = width - in_f
-    hp = torch.nn.functional.pad(hessian.to(weight.dtype), (0, pad, 0, pad))  # (width, width)
-    per_row = 8 * (2 * num_groups) ** 2 * 4 + weight.element_size() * width * 8  # gram, solve copies, t/v/wh rows
+    hp = hessian.to(weight.dtype)  # (width, width) once padded to whole groups
+    hp = torch.nn.functional.pad(hp, (0, pad, 0, pad)) if pad else hp
+    per_row = 8 * (2 * num_groups) ** 2 * 6 + weight.element_size() * width * 10  # gram + solve copies, t/v/wh
     rows = max(1, int(max_bytes) // per_row)
     out = torch.empty_like(scales, dtype=weight.dtype)
     for r0 in range(0, out_f, rows):
