@@ -300,6 +300,10 @@ def test_calibrated_checkpoint_has_the_calibration_free_format_and_loads(tiny_mo
     assert cfg_cal == cfg_free
     assert {k: settings[k] for k in ("text", "samples", "seq_len")} == {"text": "boolq", "samples": 4, "seq_len": 64}
     assert ptqtp.TritPlaneConfig.from_dict({**cfg_cal, "calibration": settings}).calibration == settings
+    from ptqtp.info import describe, format_summary
+
+    assert "calibration       boolq, 4 x 64 tokens; " in format_summary(describe(str(cal_dir)))
+    assert "calibration       none (calibration-free)" in format_summary(describe(str(free_dir)))
     assert not (cal_dir / ".calib-partial").exists()
     report = json.loads((cal_dir / "ptqtp_report.json").read_text())
     assert report["calibration"]["samples"] == 4 and report["calibration"]["linears"] == 14
