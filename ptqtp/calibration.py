@@ -303,10 +303,13 @@ def _quantize_layer(layer, linears, hidden, out, args, kwargs, device, config, d
         for h in handles:
             h.remove()
     planes = {}
-    for k, names in enumerate(groups):
+    # widest input first (down_proj): its H is freed before the widest stacked weight (gate/up) is solved
+    for k in sorted(range(len(groups)), key=lambda k: -hess[k].shape[0]):
+        names = groups[k]
         h = hess[k].div_(max(count[k], 1))  # (in, in), in place: one copy of a wide H is enough
         hess[k] = None
-        w = torch.cat([linears[n].weight.data for n in names], dim=0)  # (sum of out, in)
+        ws = [linears[n].weight.data for n in names]
+        w = ws[0] if len(ws) == 1 else torch.cat(ws, dim=0)  # (sum of out, in)
         tp = gptq_trit_planes(w, h, config.group_size, config.method, config.max_iters, config.tol, damp,
                               feedback=feedback)
         del w, h

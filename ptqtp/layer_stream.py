@@ -12,6 +12,8 @@ inside functions only.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 from torch import nn
 
@@ -106,5 +108,24 @@ class StreamedModel:
         return layer
 
     def release(self, li: int, layer: nn.Module) -> None:
-        """Frees the layer's memory (back to the meta device)."""
+        """Frees the layer's memory (back to the meta device), and hands freed heap pages back to the OS."""
         layer.to("meta")
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """glibc's malloc_trim: after each layer, the freed memory of its weights, Hessians and solver buffers is
+    returned to the OS. Without it, glibc's growing mmap threshold keeps tens-of-MB blocks on its heaps and
+    the fragmented heap grows layer after layer (the peak RSS then grows with the model's depth)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 (not glibc: no trimming)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
