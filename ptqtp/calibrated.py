@@ -213,7 +213,8 @@ def _calibrate(run, source, tokens, config, device, damp, feedback, show_progres
         calibrate_layers(len(model.layers), model.load, hidden, layer_inputs, config, prefix=model.prefix,
                                   device=device, damp=damp, feedback=feedback, done=done,
                                   on_layer=lambda r: _save_layer(partial, r),
-                                  on_linear=lambda name: bar.update(1, name, work[name]), release=model.release, keep=False)
+                                  on_linear=lambda name: bar.update(1, name, work[name]), release=model.release,
+                                  keep=False)
     finally:
         bar.close()
     return _SavedPlanes(_SavedLayers(partial, config.group_size)), time.perf_counter() - t_start

@@ -74,8 +74,10 @@ def main() -> None:
         "free_wall_s": round(free_s, 1), "calib_wall_s": round(cal_s, 1),
         "calib_vs_free_time": round(cal_s / free_s, 2),
         "calibration_s": cal["calibration"]["calibration_seconds"],
-        "free_peak_rss_bytes": free["totals"]["peak_rss_bytes"], "calib_peak_rss_bytes": cal["totals"]["peak_rss_bytes"],
-        "free_bits_per_weight": free["totals"]["bits_per_weight"], "calib_bits_per_weight": cal["totals"]["bits_per_weight"],
+        "free_peak_rss_bytes": free["totals"]["peak_rss_bytes"],
+        "calib_peak_rss_bytes": cal["totals"]["peak_rss_bytes"],
+        "free_bits_per_weight": free["totals"]["bits_per_weight"],
+        "calib_bits_per_weight": cal["totals"]["bits_per_weight"],
         "calibration_settings": settings,
     }
     if args.ppl:
