@@ -1,18 +1,23 @@
 """Calibrated quantization of a checkpoint on disk (`ptqtp quantize MODEL -o OUT --calib FILE`).
 
-The model is loaded on CPU (float32 there; its own dtype when layers run on CUDA), calibrated layer by layer
-(`calibration`), and its trit-planes are handed to the writer with every other tensor of the checkpoint
-(`converter`, `writer`), so shards, config, report and loading are exactly those of calibration-free
-quantization; only the trits and scales differ. The writer's `open_output` checks and locks OUT before
-anything is loaded, so a run that would be refused is refused up front, and calibration fits exactly the
-weights the checkpoint quantizes (checked before it starts, `_check_weights`): none is solved without it.
+Streaming: the model is built on the meta device and its decoder layers are read from the checkpoint one at a
+time (`layer_stream`), so memory holds one decoder layer (float32 on CPU; the checkpoint's dtype on CUDA,
+where the layers run), the calibration activations in a compact dtype, and the per-layer Hessians, never the
+model. Each layer is calibrated in turn (`calibration`), and the trit-planes are handed to the writer with
+every other tensor of the checkpoint (`converter`, `writer`), so shards, report and loading are exactly those
+of calibration-free quantization; only the trits and scales differ, and config.json's `quantization_config`
+records how calibration was done (`calibration_settings`: text, samples, sequence length, options). The
+writer's `open_output` checks and locks OUT before anything is loaded, so a run that would be refused is
+refused up front, and calibration fits exactly the weights the checkpoint quantizes, all finite (checked
+before it starts, `_check_weights`): none is solved without it.
 Resume works at layer granularity: each finished layer is kept in OUT/.calib-partial (with the run's
 fingerprint and the content hash of its source, `state.json`) until the checkpoint is complete; on --resume
-the stored planes are reloaded and the activations replayed through them (identical to an uninterrupted run).
+the stored planes are reloaded and the activations replayed through the full-precision layers (identical to
+an uninterrupted run).
 
-Imports `calibration` (with `hessian_fit`'s defaults), `calibration_data`, `loader`, `converter`, `writer`,
-`checkpoint` and `packing` (the saved layers), `selection`, `solver`, `config`, `device`, `progress` and
-`errors`; transformers (model, tokenizer) inside functions only; never the
+Imports `calibration` (with `hessian_fit`'s defaults), `calibration_data`, `layer_stream`, `loader`,
+`converter`, `writer`, `checkpoint` and `packing` (the saved layers), `selection`, `solver`, `config`,
+`device`, `progress` and `errors`; transformers (tokenizer, model skeleton) inside functions only; never the
 calibration-free `pipeline`.
 """
 
@@ -20,19 +25,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import pathlib
 import time
+from collections.abc import Mapping
 
 import torch
 
 from . import checkpoint as ckpt
 from . import loader, writer
-from .calibration import LayerResult, calibrate_model, find_decoder_layers
-from .calibration_data import load_calibration_tokens, resolve_calibration_path
-from .config import TRIT_METHODS, TritPlaneConfig
+from .calibration import ACT_DTYPE, LayerResult, calibrate_layers, capture_layer_inputs
+from .calibration_data import BUNDLED, load_calibration_tokens, resolve_calibration_path
+from .config import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN, TRIT_METHODS, TritPlaneConfig
 from .converter import TensorConverter, check_finite
 from .device import resolve_device
 from .errors import BadOptionError, OutputExistsError, UnsupportedCheckpointError
 from .hessian_fit import DEFAULT_DAMP, DEFAULT_FEEDBACK
+from .layer_stream import StreamedModel
 from .packing import PackedTritPlanes
 from .progress import progress_bar
 from .selection import DENSE, select_linears
@@ -56,20 +65,57 @@ def _save_layer(partial, result: LayerResult) -> None:
     ckpt.write_shard(_layer_file(partial, result.index), tensors)
 
 
-def _load_layers(partial, group_size: int) -> dict[int, dict[str, TritPlanes]]:
-    """Finished layers saved by an interrupted run (files are complete or absent: written atomically)."""
-    done: dict[int, dict[str, TritPlanes]] = {}
-    for path in sorted(partial.glob("layer-*.safetensors")):
-        header = ckpt.read_header(path)
-        planes = {}
-        for key in header.tensors:
-            if key.endswith(".packed"):
-                name = key[: -len(".packed")]
-                in_f = int(header.read(f"{name}.shape")[1])
-                p = PackedTritPlanes(header.read(key), header.read(f"{name}.scales"), in_f, group_size)
-                planes[name] = p.to_trit_planes()
-        done[int(path.stem.split("-")[1])] = planes
-    return done
+def _read_layer(path, group_size: int) -> dict[str, TritPlanes]:
+    """One saved layer's planes (files are complete or absent: written atomically)."""
+    header = ckpt.read_header(path)
+    planes = {}
+    for key in header.tensors:
+        if key.endswith(".packed"):
+            name = key[: -len(".packed")]
+            in_f = int(header.read(f"{name}.shape")[1])
+            planes[name] = PackedTritPlanes(header.read(key), header.read(f"{name}.scales"), in_f,
+                                            group_size).to_trit_planes()
+    return planes
+
+
+class _SavedLayers(Mapping):
+    """Layer index -> its planes, for the layers saved in OUT/.calib-partial; each read from disk when asked
+    for, so memory never holds more than one layer's planes."""
+
+    def __init__(self, partial, group_size: int):
+        self.partial, self.group_size = partial, group_size
+        self.paths = {int(p.stem.split("-")[1]): p for p in sorted(partial.glob("layer-*.safetensors"))}
+
+    def __getitem__(self, index: int) -> dict[str, TritPlanes]:
+        return _read_layer(self.paths[index], self.group_size)
+
+    def __iter__(self):
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+class _SavedPlanes:
+    """Weight name -> TritPlanes from the saved layers, one layer file read at a time (the writer asks for the
+    weights in checkpoint order, layer after layer), for `converter.TensorConverter`."""
+
+    def __init__(self, layers: _SavedLayers):
+        self.layers = layers
+        self.where = {f"{key[: -len('.packed')]}.weight": index for index, path in layers.paths.items()
+                      for key in ckpt.read_header(path).tensors if key.endswith(".packed")}
+        self._index, self._planes = None, {}
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def get(self, name: str) -> TritPlanes | None:
+        index = self.where.get(name)
+        if index is None:
+            return None
+        if index != self._index:
+            self._index, self._planes = index, self.layers[index]
+        return self._planes[name[: -len(".weight")]]
 
 
 def _compute_dtype(model_dir, device: torch.device) -> torch.dtype:
@@ -82,7 +128,8 @@ def _compute_dtype(model_dir, device: torch.device) -> torch.dtype:
 
 
 def quantize_checkpoint_calibrated(src, dst, config: TritPlaneConfig | None = None, calib: str = "boolq",
-                                   calib_samples: int = 128, calib_seq_len: int = 2048, *, resume: bool = False,
+                                   calib_samples: int = DEFAULT_CALIB_SAMPLES,
+                                   calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN, *, resume: bool = False,
                                    overwrite: bool = False, max_shard_size="5GB", show_progress: bool = True,
                                    revision: str | None = None, damp: float = DEFAULT_DAMP,
                                    feedback: bool = DEFAULT_FEEDBACK) -> dict:
@@ -120,6 +167,8 @@ def quantize_checkpoint_calibrated(src, dst, config: TritPlaneConfig | None = No
     tokens = load_calibration_tokens(calib_path, tokenizer, calib_samples, calib_seq_len)  # (n, seq_len)
     calibration = {"tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest(),
                    "tokens_shape": list(tokens.shape), "damp": damp, "feedback": feedback}
+    config = config.replace(calibration=calibration_settings(calib, calib_path, calibration["tokens_sha256"],
+                                                             calib_samples, calib_seq_len, damp, feedback))
 
     with writer.open_output(dst, source, config, resume=resume, overwrite=overwrite, max_shard_size=max_bytes,
                             calibration=calibration, show_progress=show_progress) as run:
@@ -138,8 +187,6 @@ def _calibrate(run, source, tokens, config, device, damp, feedback, show_progres
     """Calibrate every decoder layer not saved yet in OUT/.calib-partial (layers saved by an interrupted run of
     the same source content and options are replayed); returns (weight name -> TritPlanes, seconds since
     `t_start`)."""
-    from transformers import AutoModelForCausalLM
-
     partial = run.path / writer.PARTIAL_DIR
     state = {"fingerprint": run.fingerprint, "source_sha256": run.source_sha256("hash source")}
     done = {}
@@ -147,29 +194,49 @@ def _calibrate(run, source, tokens, config, device, damp, feedback, show_progres
         if json.loads((partial / _STATE_NAME).read_text()) != state:
             raise OutputExistsError(f"{run.path} holds an interrupted calibrated run of another source, text or "
                                     "options; rerun with the same ones, or pass --overwrite to start over.")
-        done = _load_layers(partial, config.group_size)
+        done = _SavedLayers(partial, config.group_size)
+
+    model = StreamedModel(source, _compute_dtype(source.path, device), device)  # no weights loaded yet
+    layer_of = {name: i for i, layer in enumerate(model.layers)
+                for name, _ in select_linears(layer, config, f"{model.prefix}.{i}")}
+    work = {name: model.model.get_submodule(name).weight.numel() for name in layer_of}
+    _check_weights(source, work)
+    model.check()
     partial.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_json(partial / _STATE_NAME, state)
-
-    hf_model = AutoModelForCausalLM.from_pretrained(source.path, dtype=_compute_dtype(source.path, device)).eval()
-    prefix, layers = find_decoder_layers(hf_model)
-    linears = {name: m for i, layer in enumerate(layers) for name, m in select_linears(layer, config, f"{prefix}.{i}")}
-    _check_weights(source, linears)
-    work = {name: m.weight.numel() for name, m in linears.items()}
-    bar = progress_bar(len(linears), show_progress, "calibrate", "tensor", total_work=sum(work.values()))
-    bar.skip(sum(len(v) for v in done.values()), sum(work[n] for v in done.values() for n in v))
+    hidden, layer_inputs = capture_layer_inputs(model.model, None, model.layers, embeds=model.input_embeddings(tokens),
+                                                device=device)  # (n, seq, hidden) layer-0 inputs, ACT_DTYPE
+    bar = progress_bar(len(work), show_progress, "calibrate", "tensor", total_work=sum(work.values()))
+    skipped = [n for n in work if layer_of[n] in done]
+    bar.skip(len(skipped), sum(work[n] for n in skipped))
     try:
-        planes = calibrate_model(hf_model, tokens, config, device=device, damp=damp, feedback=feedback, done=done,
-                                 on_layer=lambda r: _save_layer(partial, r),
-                                 on_linear=lambda name: bar.update(1, name, work[name]))
+        calibrate_layers(len(model.layers), model.load, hidden, layer_inputs, config, prefix=model.prefix,
+                                  device=device, damp=damp, feedback=feedback, done=done,
+                                  on_layer=lambda r: _save_layer(partial, r),
+                                  on_linear=lambda name: bar.update(1, name, work[name]), release=model.release,
+                                  keep=False)
     finally:
         bar.close()
-    return {f"{name}.weight": tp for name, tp in planes.items()}, time.perf_counter() - t_start
+    return _SavedPlanes(_SavedLayers(partial, config.group_size)), time.perf_counter() - t_start
 
 
-def _check_weights(source, linears: dict) -> None:
+def calibration_settings(calib: str, calib_path, tokens_sha256: str, samples: int, seq_len: int, damp: float,
+                         feedback: bool) -> dict:
+    """How the checkpoint was calibrated, for config.json's `quantization_config` (as GPTQ toolkits record
+    theirs): the text (bundled name, or file name and content hash; never a local path), its size, and the
+    options. Only what fixes the result: the same settings and source give the same checkpoint."""
+    text = {"text": calib} if calib in BUNDLED and not pathlib.Path(calib).is_file() else \
+        {"text": pathlib.Path(calib_path).name, "text_sha256": ckpt.file_sha256(calib_path)}
+    return {**text, "samples": samples, "seq_len": seq_len, "tokens_sha256": tokens_sha256,
+            "hessian_inputs": "full-precision model, one pass", "activation_dtype": str(ACT_DTYPE).removeprefix(
+                "torch."), "weighted_scales": True, "refit_scales": True, "feedback": feedback,
+            "act_order": feedback, "damp": damp}
+
+
+def _check_weights(source, linears) -> None:
     """Before calibrating: calibration fits exactly the weights the checkpoint quantizes (a weight it would not
-    reach is never quietly solved without it, and no plane it computes goes unwritten), and they are finite."""
+    reach is never quietly solved without it, and no plane it computes goes unwritten; `linears`: their module
+    names), and they are finite (read from the checkpoint a block of rows at a time)."""
     quantized = {t.name for t in source.tensors if t.action != DENSE}
     fitted = {f"{name}.weight" for name in linears}
     missing, extra = sorted(quantized - fitted), sorted(fitted - quantized)
@@ -184,5 +251,8 @@ def _check_weights(source, linears: dict) -> None:
         raise UnsupportedCheckpointError(
             f"calibration would fit {extra[0]}{more}, which the checkpoint does not store as a quantizable weight; "
             "quantize without --calib.")
-    for name, linear in linears.items():
-        check_finite(linear.weight, f"{name}.weight")
+    for t in source.tensors:
+        if t.name in fitted:
+            step = max(1, (64 << 20) // max(1, math.prod(t.shape[1:]) * t.dtype.itemsize))
+            for r0 in range(0, t.shape[0], step):
+                check_finite(t.read((r0, min(r0 + step, t.shape[0]))), t.name)

@@ -11,7 +11,7 @@ import os
 import sys
 
 from ._version import __version__
-from .config import BASELINES, PEER_METHODS
+from .config import BASELINES, DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN, PEER_METHODS
 from .errors import PtqtpError
 
 EPILOG = "Docs and examples: README.md. Set PTQTP_DEBUG=1 to show tracebacks."
@@ -48,8 +48,10 @@ def _add_quantize(sub):
                    help="with --calib, also feed each column's error forward (GPTQ, act-order, static groups)")
     p.add_argument("--calib-damp", type=float, default=None,
                    help="with --calib-feedback, Hessian damping as a fraction of its mean diagonal (default 1.0)")
-    p.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
-    p.add_argument("--calib-seq-len", type=int, default=2048, help="tokens per calibration sequence (default 2048)")
+    p.add_argument("--calib-samples", type=int, default=DEFAULT_CALIB_SAMPLES,
+                   help=f"calibration sequences (default {DEFAULT_CALIB_SAMPLES})")
+    p.add_argument("--calib-seq-len", type=int, default=DEFAULT_CALIB_SEQ_LEN,
+                   help=f"tokens per calibration sequence (default {DEFAULT_CALIB_SEQ_LEN})")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_run_quantize)

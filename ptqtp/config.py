@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import format as fmt
 from ._version import __version__
@@ -26,6 +26,11 @@ OFFSET_BASELINES = ("rtn-int3-offset",)
 METHODS = (*TRIT_METHODS, *INT_BASELINES)
 BASELINES = tuple(m for m in METHODS if m.startswith("rtn-"))  # compared against, never recommended
 BASELINE_KEY = "ptqtp_baseline"  # config.json block that labels an integer baseline's dense checkpoint
+
+# Calibrated mode's default text size (`--calib-samples`, `--calib-seq-len`): what keeps a calibrated run within
+# a few times the calibration-free one at the measured quality (eval/CALIBRATED.md).
+DEFAULT_CALIB_SAMPLES = 8
+DEFAULT_CALIB_SEQ_LEN = 2048
 
 
 def baseline_bits_per_weight(method: str, group_size: int) -> float:
@@ -72,6 +77,8 @@ class TritPlaneConfig:
         skip: extra regexes (searched in the module's dotted name) of Linears to keep dense.
         modules_to_not_convert: names kept dense, recorded in config.json (lm_head by default).
         device: where the solve runs: "auto" (CUDA when present), "cpu" or "cuda".
+        calibration: how a calibrated checkpoint was made (text, samples, sequence length, options), written
+            into `quantization_config` so a reader knows; None for calibration-free quantization.
     """
 
     group_size: int = fmt.DEFAULT_GROUP_SIZE
@@ -82,6 +89,7 @@ class TritPlaneConfig:
     modules_to_not_convert: tuple[str, ...] = DEFAULT_SKIP
     device: str = "auto"
     version: int = fmt.FORMAT_VERSION
+    calibration: dict | None = field(default=None, hash=False)
 
     def __post_init__(self):
         if not isinstance(self.group_size, int) or self.group_size < 1:
@@ -115,7 +123,7 @@ class TritPlaneConfig:
 
     def to_dict(self) -> dict:
         """The `quantization_config` block of config.json."""
-        return {
+        d = {
             "quant_method": fmt.QUANT_METHOD,
             "format_version": fmt.FORMAT_VERSION,
             "group_size": self.group_size,
@@ -128,6 +136,9 @@ class TritPlaneConfig:
             "tol": self.tol,
             "ptqtp_version": __version__,
         }
+        if self.calibration is not None:
+            d["calibration"] = dict(self.calibration)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TritPlaneConfig":
@@ -148,6 +159,8 @@ class TritPlaneConfig:
         kw = {k: d[k] for k in ("group_size", "method", "max_iters", "tol") if k in d}
         if "skip" in d:
             kw["skip"] = tuple(d["skip"] or ())
+        if isinstance(d.get("calibration"), dict):
+            kw["calibration"] = dict(d["calibration"])
         if d.get("modules_to_not_convert") is not None:
             kw["modules_to_not_convert"] = tuple(d["modules_to_not_convert"])
         return cls(**kw)

@@ -36,6 +36,7 @@ from .solver import FP16_MAX, TritPlanes, decompose
 
 DEFAULT_DAMP = 1.0  # fraction of the mean Hessian diagonal added to it (GPTQ's percdamp; see the module doc)
 DEFAULT_FEEDBACK = False  # GPTQ error feedback off by default: it lost to weighted scales + refit (module doc)
+REFIT_CHUNK_BYTES = 128 << 20  # working-memory bound of the scale refit (rows solved per chunk)
 LAZY_BLOCK = 32  # columns updated one by one before their error is pushed on with one matmul (GPTQ's blocks)
 
 # the 9 trit pairs (t1, t2); (0, 0) first so that ties (e.g. zero scales) pick the zero level
@@ -88,12 +89,14 @@ def gptq_trit_planes(weight: torch.Tensor, hessian: torch.Tensor, group_size: in
     if tuple(hessian.shape) != (in_f, in_f):
         raise ValueError(f"hessian shape {tuple(hessian.shape)} does not match weight in_features {in_f}")
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    w = weight.to(dtype).clone()  # (out, in), dead inputs zeroed; the feedback updates a permuted copy
-    h = hessian.to(device=w.device, dtype=dtype).clone()  # (in, in)
+    w = weight.to(dtype)  # (out, in); the feedback updates a permuted copy
+    h = hessian.to(device=w.device, dtype=dtype)  # (in, in)
     if not (torch.isfinite(w).all() and torch.isfinite(h).all()):
         raise NonFiniteWeightError("weight or calibration activations hold NaN/Inf; the model overflows in its "
                                    "dtype: quantize from a float32 or bfloat16 checkpoint.")
     dead = h.diagonal() == 0  # (in,) inputs never seen: their weights cannot matter to the output
+    if bool(dead.any()):  # copies only then (a wide layer's H is hundreds of MB): the caller's stay as given
+        w, h = w.clone(), h.clone()
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
     importance = h.diagonal().clone() if weighted_scales and method == "ptqtp" else None  # (in,)
@@ -156,50 +159,80 @@ def gptq_trit_planes(weight: torch.Tensor, hessian: torch.Tensor, group_size: in
 
 
 def refit_scales_h(weight: torch.Tensor, hessian: torch.Tensor, planes: torch.Tensor, scales: torch.Tensor,
-                   group_size: int) -> torch.Tensor:
+                   group_size: int, max_bytes: int = REFIT_CHUNK_BYTES) -> torch.Tensor:
     """Per row, the 2G scales minimising (w - q)^T H (w - q) for the fixed trits, rounded to fp16.
 
     q = sum_{plane k, group g} s[k, g] * T_k masked to g is linear in the scales, so this is a (2G x 2G) least
-    squares per row: M = A H A^T, b = A H w with A the masked trits. M is built group by group (T_k[:, g] @
-    H[g, :], out x in at a time), so memory stays O(out x in + out x G^2). A row keeps its old scales where
-    those are no worse after fp16 rounding, so the H error never rises. An empty plane of a group (all trits
-    zero) keeps a zero scale.
+    squares per row: M = A H A^T, b = A H w with A the masked trits. Rows are independent, so they are solved
+    in chunks whose float64 systems (rows x 2G x 2G) and padded trits stay under `max_bytes`: the working
+    memory is bounded whatever the layer's size (a 70B down_proj would need ~13 GB at once), and the result
+    does not depend on the chunking. A row keeps its old scales where those are no worse after fp16 rounding,
+    so the H error never rises. An empty plane of a group (all trits zero) keeps a zero scale.
 
     Args:
         weight: (out, in) the weight the layer should compute (before any feedback).
         hessian: (in, in) undamped X^T X / n.
         planes: int8 (2, out, in) trits.
         scales: (2, out, G) the scales the trits were chosen with (fp16-exact).
+        max_bytes: working-memory bound of one chunk of rows (at least one row is solved at a time).
     Returns:
         (2, out, G) fp16-exact scales in the dtype of `weight`.
     """
     out_f, in_f = weight.shape
     num_groups = scales.shape[-1]
     width = num_groups * group_size
-    dtype = weight.dtype
     pad = width - in_f
-    t = torch.nn.functional.pad(planes.to(dtype), (0, pad))  # (2, out, width)
-    hp = torch.nn.functional.pad(hessian, (0, pad, 0, pad))  # (width, width)
-    wh = torch.nn.functional.pad(weight, (0, pad)) @ hp  # (out, width)
-    rhs = (t * wh).view(2, out_f, num_groups, group_size).sum(-1)  # (2, out, G)
-    rhs = rhs.permute(1, 0, 2).reshape(out_f, 2 * num_groups).double()  # (out, 2G), index k * G + g
-    gram = torch.empty(out_f, 2 * num_groups, 2 * num_groups, dtype=torch.float64, device=weight.device)
-    for k in range(2):
-        for g in range(num_groups):
-            cols = slice(g * group_size, (g + 1) * group_size)
-            v = t[k, :, cols] @ hp[cols, :]  # (out, width): row r = T_k[r, g] H[g, :]
-            gram[:, k * num_groups + g, :] = (t * v).view(2, out_f, num_groups, group_size).sum(-1).permute(
-                1, 0, 2).reshape(out_f, 2 * num_groups).double()
-    diag = gram.diagonal(dim1=1, dim2=2)  # (out, 2G)
+    hp = hessian.to(weight.dtype)  # (width, width) once padded to whole groups
+    hp = torch.nn.functional.pad(hp, (0, pad, 0, pad)) if pad else hp
+    per_row = 8 * (2 * num_groups) ** 2 * 6 + weight.element_size() * width * 10  # gram + solve copies, t/v/wh
+    rows = max(1, int(max_bytes) // per_row)
+    out = torch.empty_like(scales, dtype=weight.dtype)
+    for r0 in range(0, out_f, rows):
+        r1 = min(r0 + rows, out_f)
+        out[:, r0:r1] = _refit_rows(weight[r0:r1], hp, planes[:, r0:r1], scales[:, r0:r1], group_size, pad)
+    return out
+
+
+def _trit_gram(t: torch.Tensor, hp: torch.Tensor, num_groups: int, group_size: int) -> torch.Tensor:
+    """Per row r, M_r = A_r H A_r^T in float64 (rows, 2G, 2G), A_r the trits of row r masked to each (plane,
+    group). M_r is symmetric, so only the blocks of group pairs g' >= g are computed (half the matmuls, the
+    cost of the refit): block (g, g') = T[:, g] H[g, g'] T[:, g']^T, one matmul per g over the later columns."""
+    rows = t.shape[1]
+    tg = t.view(2, rows, num_groups, group_size).permute(1, 0, 2, 3)  # (rows, 2, G, gs)
+    gram = torch.zeros(rows, 2, num_groups, 2, num_groups, dtype=torch.float64, device=t.device)
+    for g in range(num_groups):
+        cols = slice(g * group_size, (g + 1) * group_size)
+        v = t[:, :, cols].reshape(2 * rows, group_size) @ hp[cols, g * group_size:]  # (2 rows, later columns)
+        v = v.view(2, rows, num_groups - g, group_size)
+        gram[:, :, g, :, g:] = torch.einsum("krgc,rjgc->rkjg", v, tg[:, :, g:]).double()
+    gram = gram.view(rows, 2 * num_groups, 2 * num_groups)
+    block = torch.arange(2 * num_groups, device=t.device) % num_groups  # (2G,) group of each index
+    same = (block.unsqueeze(0) == block.unsqueeze(1)).to(gram.dtype)  # (2G, 2G): diagonal blocks, filled whole
+    return gram + gram.transpose(1, 2) * (1 - same)
+
+
+def _refit_rows(weight, hp, planes, scales, group_size, pad):
+    """`refit_scales_h` on a block of rows (hp: the Hessian padded to whole groups)."""
+    out_f = weight.shape[0]
+    num_groups = scales.shape[-1]
+    dtype = weight.dtype
+    t = torch.nn.functional.pad(planes.to(dtype), (0, pad))  # (2, rows, width)
+    wh = torch.nn.functional.pad(weight, (0, pad)) @ hp  # (rows, width)
+    rhs = (t * wh).view(2, out_f, num_groups, group_size).sum(-1)  # (2, rows, G)
+    del wh
+    rhs = rhs.permute(1, 0, 2).reshape(out_f, 2 * num_groups).double()  # (rows, 2G), index k * G + g
+    gram = _trit_gram(t, hp, num_groups, group_size)  # (rows, 2G, 2G)
+    del t
+    diag = gram.diagonal(dim1=1, dim2=2)  # (rows, 2G)
     empty = diag <= 0  # planes of a group with no trit (or only dead inputs): keep their scale at zero
-    reg = 1e-7 * diag.abs().mean(-1, keepdim=True).clamp_min(1e-30) + empty.double()  # (out, 2G)
-    new = torch.linalg.solve(gram + torch.diag_embed(reg), rhs)  # (out, 2G)
+    reg = 1e-7 * diag.abs().mean(-1, keepdim=True).clamp_min(1e-30) + empty.double()  # (rows, 2G)
+    new = torch.linalg.solve(gram + torch.diag_embed(reg), rhs)  # (rows, 2G)
     new = torch.where(empty, torch.zeros_like(new), new)
     new = new.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).double()
-    old = scales.permute(1, 0, 2).reshape(out_f, 2 * num_groups).double()  # (out, 2G)
+    old = scales.permute(1, 0, 2).reshape(out_f, 2 * num_groups).double()  # (rows, 2G)
 
-    def h_error(s):  # (out,) the H error up to a constant shared by both candidates
+    def h_error(s):  # (rows,) the H error up to a constant shared by both candidates
         return (s.unsqueeze(1) @ gram @ s.unsqueeze(2)).view(-1) - 2 * (s * rhs).sum(-1)
 
-    best = torch.where((h_error(new) < h_error(old)).unsqueeze(1), new, old)  # (out, 2G)
-    return best.view(out_f, 2, num_groups).permute(1, 0, 2).contiguous().to(dtype)
+    best = torch.where((h_error(new) < h_error(old)).unsqueeze(1), new, old)  # (rows, 2G)
+    return best.view(out_f, 2, num_groups).permute(1, 0, 2).to(dtype)

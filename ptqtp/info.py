@@ -180,6 +180,16 @@ def _report_errors(report: dict) -> list[tuple[str, float]]:
     return out
 
 
+def _calibration_line(cal: dict | None) -> str:
+    """The calibration settings `quantization_config` records, on one line."""
+    if not cal:
+        return "none (calibration-free)"
+    options = ", ".join(f"{k} {v}" for k, v in cal.items()
+                        if k not in ("text", "text_sha256", "samples", "seq_len", "tokens_sha256"))
+    return (f"{cal.get('text', '?')}, {cal.get('samples', '?')} x {cal.get('seq_len', '?')} tokens"
+            + (f"; {options}" if options else ""))
+
+
 def format_summary(s: Summary) -> str:
     c = s.config
     exact = all(t.exact_in for t in s.quantized)
@@ -189,6 +199,7 @@ def format_summary(s: Summary) -> str:
         f"{fmt.SCALE_DTYPE_NAME} scales" + (f", written by ptqtp {s.ptqtp_version}" if s.ptqtp_version else ""),
         f"group size        {c.group_size}",
         f"method            {c.method}",
+        f"calibration       {_calibration_line(c.calibration)}",
         f"bits per weight   {s.bits_per_weight:.3f}{'' if exact else ' (approx.)'} (quantized Linears, from the files)"
         if s.quantized else f"bits per weight   - (no packed tensors: method {c.method} stores fake-quantized dense weights)",
         f"tensors           {len(s.quantized)} quantized Linears ({s.quantized_weights:,} weights), "

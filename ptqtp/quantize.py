@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .calibrated import quantize_checkpoint_calibrated
-from .config import INT_BASELINES, TRIT_METHODS, TritPlaneConfig
+from .config import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN, INT_BASELINES, TRIT_METHODS, TritPlaneConfig
 from .device import resolve_device
 from .errors import BadOptionError
 from .hessian_fit import DEFAULT_DAMP, DEFAULT_FEEDBACK
@@ -28,8 +28,8 @@ from .solver import decompose
 
 def quantize_checkpoint(src=None, dst=None, config: TritPlaneConfig | None = None, *, resume: bool = False,
                         overwrite: bool = False, max_shard_size="5GB", show_progress: bool = True,
-                        revision: str | None = None, calib: str | None = None, calib_samples: int = 128,
-                        calib_seq_len: int = 2048, calib_damp: float = DEFAULT_DAMP,
+                        revision: str | None = None, calib: str | None = None,
+                        calib_samples: int = DEFAULT_CALIB_SAMPLES, calib_seq_len: int = DEFAULT_CALIB_SEQ_LEN, calib_damp: float = DEFAULT_DAMP,
                         calib_feedback: bool = DEFAULT_FEEDBACK, model=None, out=None) -> dict:
     """Quantize every decoder Linear of a checkpoint on disk and write a ptqtp directory.
 

@@ -9,8 +9,14 @@ process so its peak RSS is its own:
 Prints wall time, tensors per second, peak RSS against the checkpoint size, and the ratio of the quantize time
 to the baseline measured in the same run.
 
+With `--calib`, step 2 is calibrated mode (`--calib boolq`; a toy byte-level tokenizer is written beside the
+weights) on the `calib` shape by default (24 layers of hidden 2048: 4.6 GB in float32), and the peak RSS is
+printed against the streaming bound: one decoder layer in float32 + the calibration activations (two bf16
+buffers of samples x seq_len x hidden) + 1 GiB.
+
     python scripts/bench_quantize.py --layers 1 --method rtn-ternary     # CPU: memory behaviour in minutes
     python scripts/bench_quantize.py --shape 8b --device cuda            # GPU: the 8B-shaped run
+    python scripts/bench_quantize.py --calib --max-iters 8               # calibrated mode's peak RSS
 """
 
 from __future__ import annotations
@@ -36,7 +42,32 @@ SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings
     "1b": dict(hidden=2048, inter=8192, layers=16, heads=32, kv=8, vocab=128256, tied=True),
     "8b": dict(hidden=4096, inter=14336, layers=32, heads=32, kv=8, vocab=128256, tied=False),
+    "calib": dict(hidden=2048, inter=5632, layers=24, heads=16, kv=4, vocab=32000, tied=True),
 }
+GIB = 1 << 30
+
+
+def layer_bytes_fp32(shape: dict) -> int:
+    """float32 bytes of one decoder layer (its Linears and two norms)."""
+    h, i, kv = shape["hidden"], shape["inter"], shape["kv"] * (shape["hidden"] // shape["heads"])
+    return 4 * (2 * h * h + 2 * kv * h + 3 * h * i + 2 * h)
+
+
+def save_toy_tokenizer(out: pathlib.Path, vocab_size: int) -> None:
+    """A byte-level one-token-per-character tokenizer with `vocab_size` entries (calibrated mode tokenizes)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    for ch in alphabet:
+        vocab[ch] = len(vocab)
+    for i in range(len(vocab), vocab_size):
+        vocab[f"<extra{i}>"] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<unk>").save_pretrained(out)
 
 
 def tensor_specs(shape: dict) -> list[ckpt.TensorSpec]:
@@ -129,6 +160,9 @@ def run_baseline(src: pathlib.Path, device: str) -> tuple[float, int, int]:
 def run_quantize(src: pathlib.Path, out: pathlib.Path, args) -> tuple[float, dict]:
     cmd = [sys.executable, "-m", "ptqtp", "quantize", str(src), "-o", str(out), "--overwrite", "--quiet",
            "--method", args.method, "--max-iters", str(args.max_iters), "--device", args.device]
+    if args.calib:
+        cmd += ["--calib", "boolq", "--calib-samples", str(args.calib_samples), "--calib-seq-len",
+                str(args.calib_seq_len)]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
@@ -137,7 +171,11 @@ def run_quantize(src: pathlib.Path, out: pathlib.Path, args) -> tuple[float, dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b", help="model shapes (default 1b)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="model shapes (default 1b; calib with --calib)")
+    ap.add_argument("--calib", action="store_true", help="calibrated mode (--calib boolq): its peak RSS")
+    ap.add_argument("--calib-samples", type=int, default=8)
+    ap.add_argument("--calib-seq-len", type=int, default=512)
     ap.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
     ap.add_argument("--method", default="ptqtp", help="ptqtp (default), paper, rtn-ternary")
     ap.add_argument("--max-iters", type=int, default=50)
@@ -148,6 +186,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args()
 
+    args.shape = args.shape or ("calib" if args.calib else "1b")
     shape = dict(SHAPES[args.shape])
     if args.layers:
         shape["layers"] = min(args.layers, shape["layers"])
@@ -157,6 +196,8 @@ def main() -> None:
     try:
         t0 = time.perf_counter()
         size = build_checkpoint(src, shape, parse_size(args.shard_size), device)
+        if args.calib:
+            save_toy_tokenizer(src, shape["vocab"])
         print(f"synthetic {args.shape} checkpoint, {shape['layers']} layers: {size / 1e9:.2f} GB "
               f"(built in {time.perf_counter() - t0:.1f} s)", flush=True)
         base_s, n_tensors, base_rss = run_baseline(src, device)
@@ -173,6 +214,15 @@ def main() -> None:
             "cuda_max_allocated_bytes": t["cuda_max_allocated_bytes"], "output_bytes": t["size_after_bytes"],
             "bits_per_weight": t["bits_per_weight"], "mean_relative_error": t["mean_relative_error"],
         }
+        if args.calib:
+            layer = layer_bytes_fp32(shape)
+            acts = 2 * 2 * args.calib_samples * args.calib_seq_len * shape["hidden"]  # two bf16 buffers
+            bound = layer + acts + GIB
+            rows.update({"calib_samples": args.calib_samples, "calib_seq_len": args.calib_seq_len,
+                         "model_fp32_bytes": layer * shape["layers"] + 4 * shape["vocab"] * shape["hidden"],
+                         "decoder_layer_fp32_bytes": layer, "calib_activation_bytes": acts,
+                         "streaming_bound_bytes": bound, "peak_rss_vs_bound": round(t["peak_rss_bytes"] / bound, 3),
+                         "calibration_s": report["calibration"]["calibration_seconds"]})
         width = max(map(len, rows))
         for k, v in rows.items():
             print(f"{k:<{width}}  {v}")

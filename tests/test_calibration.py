@@ -296,7 +296,14 @@ def test_calibrated_checkpoint_has_the_calibration_free_format_and_loads(tiny_mo
     assert _headers(cal_dir) == _headers(free_dir)
     cfg_free = json.loads((free_dir / "config.json").read_text())["quantization_config"]
     cfg_cal = json.loads((cal_dir / "config.json").read_text())["quantization_config"]
+    settings = cfg_cal.pop("calibration")  # how it was calibrated, recorded for readers; otherwise the same
     assert cfg_cal == cfg_free
+    assert {k: settings[k] for k in ("text", "samples", "seq_len")} == {"text": "boolq", "samples": 4, "seq_len": 64}
+    assert ptqtp.TritPlaneConfig.from_dict({**cfg_cal, "calibration": settings}).calibration == settings
+    from ptqtp.info import describe, format_summary
+
+    assert "calibration       boolq, 4 x 64 tokens; " in format_summary(describe(str(cal_dir)))
+    assert "calibration       none (calibration-free)" in format_summary(describe(str(free_dir)))
     assert not (cal_dir / ".calib-partial").exists()
     report = json.loads((cal_dir / "ptqtp_report.json").read_text())
     assert report["calibration"]["samples"] == 4 and report["calibration"]["linears"] == 14
@@ -374,7 +381,7 @@ def test_finished_calibrated_run_resumes_as_a_no_op(tiny_model_dir, tmp_path, mo
     def never(*args, **kwargs):
         raise AssertionError("a finished run was calibrated again")
 
-    monkeypatch.setattr(ptqtp.calibrated, "calibrate_model", never)
+    monkeypatch.setattr(ptqtp.calibrated, "calibrate_layers", never)
     assert ptqtp.quantize_checkpoint(src, out, config, resume=True, **CALIB) == report
     assert _tree(out) == before
     with pytest.raises(OutputExistsError, match="other options"):  # other calibration text
@@ -496,3 +503,58 @@ def test_interrupted_calibrated_run_resumes_only_with_its_text_and_source(tiny_m
         with pytest.raises(OutputExistsError, match="interrupted calibrated run of another source, text or options"):
             ptqtp.quantize_checkpoint(str(source), out, config, resume=True, **kw)
         assert _tree(out) == before
+
+
+# ------------------------------------------------------------------------------------- streaming, bounded memory
+
+
+def test_row_chunked_refit_equals_the_whole_refit():
+    """The refit's memory bound (rows solved a chunk at a time) changes no scale."""
+    from ptqtp.hessian_fit import refit_scales_h
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 300, generator=g, dtype=torch.float64)  # a partial last group
+    x = torch.randn(600, 300, generator=g, dtype=torch.float64) * torch.rand(300, generator=g, dtype=torch.float64)
+    h = x.T @ x / x.shape[0]
+    tp = ptqtp.decompose(w.float(), group_size=64)
+    whole = refit_scales_h(w, h, tp.planes, tp.scales.double(), 64, max_bytes=1 << 40)
+    for max_bytes in (1, 200_000):  # one row at a time; a few rows at a time
+        torch.testing.assert_close(refit_scales_h(w, h, tp.planes, tp.scales.double(), 64, max_bytes=max_bytes),
+                                   whole, rtol=0, atol=0)
+    assert not torch.equal(whole, tp.scales.double())  # the refit did move scales
+
+
+def test_streamed_hessians_are_those_of_the_full_precision_model(tiny_model_dir, tmp_path, monkeypatch):
+    """Layer by layer from the checkpoint, each Linear's H is X^T X / n of its inputs in the whole full-precision
+    model on the calibration tokens (up to the bf16 storage of activations between layers), every layer."""
+    import ptqtp.calibration as calibration
+
+    src = tiny_model_dir("llama")
+    model, tok = _load(src)
+    ids = load_calibration_tokens("boolq", tok, num_samples=2, seq_len=32)
+    want, handles = {}, []
+    for name, m in model.named_modules():
+        if name.endswith(("q_proj", "o_proj", "gate_proj", "down_proj")):
+            def hook(mod, inp, out, name=name):
+                x = inp[0].reshape(-1, inp[0].shape[-1]).double()
+                want[name] = want.get(name, 0) + x.T @ x / (ids.numel())
+            handles.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(ids)
+    got, real = [], calibration.gptq_trit_planes
+
+    def record(w, h, *args, **kwargs):
+        got.append((w.clone(), h.double()))
+        return real(w, h, *args, **kwargs)
+
+    monkeypatch.setattr(calibration, "gptq_trit_planes", record)
+    ptqtp.quantize_checkpoint(str(src), tmp_path / "cal", ptqtp.TritPlaneConfig(max_iters=FAST_ITERS),
+                              calib="boolq", calib_samples=2, calib_seq_len=32, show_progress=False)
+    assert len(got) == len(want) == 4 * model.config.num_hidden_layers
+    for w, h in got:  # which Linear: the one whose weights lead the (stacked) weight solved against H
+        name = next(n for n in want
+                    if torch.equal(model.get_submodule(n).weight, w[:model.get_submodule(n).out_features]))
+        ref = want.pop(name)
+        rel = float(torch.linalg.norm(h - ref) / torch.linalg.norm(ref))
+        assert rel < 1e-2, (name, rel)
+    assert not want
