@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import os
 import pathlib
+import weakref
 
 import transformers
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -120,6 +121,7 @@ class PtqtpHfQuantizer(HfQuantizer):
         from .load_plan import plan_shells
         from .replace import replace_experts, replace_linear
 
+        self._shells = weakref.ref(model)  # for update_weight_conversions where transformers does not pass it
         config = self.quantization_config.tritplane
         stored = _stored_packed(checkpoint_files)
         if stored is None:
@@ -131,10 +133,17 @@ class PtqtpHfQuantizer(HfQuantizer):
         replace_experts(model, config, plan=plan.experts)
         return model
 
-    def update_weight_conversions(self, weight_conversions, model):
-        """transformers' converters that stack per-expert planes into a fused projection also stack their scales."""
+    def update_weight_conversions(self, weight_conversions, model=None):
+        """transformers' converters that stack per-expert planes into a fused projection also stack their scales.
+
+        older transformers (5.19, which vLLM 0.32 pins) call this without `model`: the model is then the one whose
+        shells `_process_model_before_weight_loading` made, which transformers always runs first."""
         from .load_plan import with_scale_converters
 
+        if model is None:
+            conversions = super().update_weight_conversions(weight_conversions)
+            model = self._shells() if getattr(self, "_shells", None) else None
+            return conversions if model is None else with_scale_converters(conversions, model)
         return with_scale_converters(super().update_weight_conversions(weight_conversions, model), model)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
