@@ -211,3 +211,21 @@ def test_each_expert_is_a_persistent_contiguous_view(cli_quantized):
     assert torch.equal(packed, experts.gate_up_proj[3, 2:4]) and experts.expert_planes("gate_up_proj") is views
     model.to(torch.bfloat16)
     assert experts.expert_planes("gate_up_proj") is not views and experts.gate_up_proj_scale.dtype == torch.float16
+
+
+def test_experts_load_under_a_transformers_that_passes_no_model(cli_quantized, monkeypatch):
+    """vLLM pins a transformers (5.19) whose loader calls `update_weight_conversions(conversions)` without the
+    model: the quantizer then takes the model whose shells it made, and the experts' scales still load."""
+    from transformers.quantizers.base import HfQuantizer
+
+    from ptqtp.hf import PtqtpHfQuantizer
+
+    ours = PtqtpHfQuantizer.update_weight_conversions
+    monkeypatch.setattr(HfQuantizer, "update_weight_conversions",
+                        lambda self, conversions: conversions + self.get_weight_conversions())
+    monkeypatch.setattr(PtqtpHfQuantizer, "update_weight_conversions",
+                        lambda self, conversions, model=None: ours(self, conversions))  # the old call
+    dense, out = cli_quantized("qwen3-moe")
+    model = ptqtp.from_pretrained(out)
+    assert all(isinstance(layer.mlp.experts, TritPlaneExperts) for layer in model.model.layers)
+    _matches_fake_quantization(model, _fake_quantized(dense))
