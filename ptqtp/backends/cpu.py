@@ -1,7 +1,9 @@
-"""The CPU C++ backend (`ptqtp._C`, built from `csrc/cpu/` at install): what laptop users get.
+"""The CPU C++ backend (`ptqtp._C`, built from `csrc/cpu/` at install or on first use by `native`): what laptop
+users get.
 
-Imports `cpu_layouts`, `errors` and `base`. Decode (M <= GEMV_MAX_M) runs a GEMV on a runtime layout converted
-once per weight (`layout_for`); `kernel_for` is the one place that picks it by tokens, activation dtype and ISA:
+Imports `cpu_layouts`, `layout_cache`, `native`, `errors` and `base`. Decode (M <= GEMV_MAX_M) runs a GEMV on a
+runtime layout converted once per weight (`layout_for`); `kernel_for` is the one place that picks it by tokens,
+activation dtype and ISA:
 "bf16dot" (AVX512-BF16, bf16 activations, M >= BF16DOT_MIN_M: weights decoded once per tile of tokens, then
 `vdpbf16ps`), "lut27" (AVX-512F/BW: table lookups without multiplications), "lut3" (AVX2, or its portable
 scalar twin). The kernels add the bias and cast to the activation dtype themselves, and split their rows over
@@ -15,12 +17,12 @@ misreport their features); forcing one this CPU lacks raises `BadOptionError`.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 from ..errors import BadOptionError
+from ..native import load_cpu
 from . import cpu_layouts as layouts
 from . import layout_cache
 from .base import GEMV_MAX_M, Backend, KernelSpec, env_reader
@@ -40,11 +42,7 @@ _ISA_CHOICE: dict[tuple, str] = {}  # raw PTQTP_CPU_ISA value -> ISA that runs
 _raw_isa = env_reader(ENV_ISA)
 
 
-@functools.lru_cache(maxsize=1)
-def _load():
-    """The compiled module, or the reason it cannot be used (found, or built on first use, by `ptqtp.native`)."""
-    from ..native import load_cpu
-    return load_cpu()
+_load = load_cpu  # (module, how) or (None, why): found, or built on first use, by `ptqtp.native` (cached there)
 
 
 def best_isa() -> str:
