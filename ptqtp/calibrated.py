@@ -41,7 +41,7 @@ from .converter import TensorConverter, check_finite
 from .device import resolve_device
 from .errors import BadOptionError, OutputExistsError, UnsupportedCheckpointError
 from .hessian_fit import DEFAULT_DAMP, DEFAULT_FEEDBACK
-from .layer_stream import StreamedModel
+from .layer_stream import StreamedModel, trim_heap
 from .packing import PackedTritPlanes
 from .progress import progress_bar
 from .selection import DENSE, select_linears
@@ -114,6 +114,8 @@ class _SavedPlanes:
         if index is None:
             return None
         if index != self._index:
+            self._index, self._planes = None, {}
+            trim_heap()  # the last layer's unpacked planes, back to the OS before the next are read
             self._index, self._planes = index, self.layers[index]
         return self._planes[name[: -len(".weight")]]
 
@@ -211,10 +213,10 @@ def _calibrate(run, source, tokens, config, device, damp, feedback, show_progres
     bar.skip(len(skipped), sum(work[n] for n in skipped))
     try:
         calibrate_layers(len(model.layers), model.load, hidden, layer_inputs, config, prefix=model.prefix,
-                                  device=device, damp=damp, feedback=feedback, done=done,
-                                  on_layer=lambda r: _save_layer(partial, r),
-                                  on_linear=lambda name: bar.update(1, name, work[name]), release=model.release,
-                                  keep=False)
+                         device=device, damp=damp, feedback=feedback, done=done,
+                         on_layer=lambda r: _save_layer(partial, r),
+                         on_linear=lambda name: bar.update(1, name, work[name]), release=model.release,
+                         stream=True)
     finally:
         bar.close()
     return _SavedPlanes(_SavedLayers(partial, config.group_size)), time.perf_counter() - t_start

@@ -104,16 +104,16 @@ class StreamedModel:
         with torch.no_grad():
             for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
                 src = self.tensors[f"{self.prefix}.{li}.{name}"]
-                t.copy_(src.read().to(device=self.device, dtype=t.dtype))
+                t.copy_(src.read())  # converted in the copy: no temporary of the layer's dtype
         return layer
 
     def release(self, li: int, layer: nn.Module) -> None:
         """Frees the layer's memory (back to the meta device), and hands freed heap pages back to the OS."""
         layer.to("meta")
-        _trim_heap()
+        trim_heap()
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     """glibc's malloc_trim: after each layer, the freed memory of its weights, Hessians and solver buffers is
     returned to the OS. Without it, glibc's growing mmap threshold keeps tens-of-MB blocks on its heaps and
     the fragmented heap grows layer after layer (the peak RSS then grows with the model's depth)."""
