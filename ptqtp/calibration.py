@@ -4,14 +4,18 @@ One pass over the calibration set through the full-precision model: per decoder 
 sample's hidden state runs through the layer in full precision; forward hooks collect each distinct Linear
 input's Hessian H = X^T X / n (float32), and the layer's outputs are the next layer's inputs. Then each weight
 is fit against its H (`hessian_fit`). Linears reading the same input (q/k/v, gate/up) share one Hessian and are
-solved as one matrix with their rows stacked (rows are independent given H). Full-precision inputs measured
+fit one after the other against it (rows are independent given H, so this gives exactly what one fit of their
+stacked rows gives, without the stacked copy). Full-precision inputs measured
 better than inputs through the already-quantized earlier layers (30.0 against 38.2 WikiText-2 ppl on
 SmolLM2-135M, eval/CALIBRATED.md) and need one forward per layer instead of two.
 
 Memory: the engine (`calibrate_layers`) sees one decoder layer at a time, handed over by a `load` callback
 (`calibrate_model`: a layer of a model in memory moved to the compute device; `calibrated`: a layer read from
 the checkpoint), and the calibration activations (samples x seq_len x hidden, two buffers) are kept on CPU in a
-compact dtype (`ACT_DTYPE`), one sample moved to the compute device at a time.
+compact dtype (`ACT_DTYPE`), one sample moved to the compute device at a time. Streaming
+(`calibrate_layers(stream=True)`), a layer's Linear weights are freed one by one as they are fit, each
+Hessian once its last reader is fit, and the widest input (down_proj) is fit last: its solve, the costliest,
+holds its own weight and H, not the layer's.
 
 Imports `hessian_fit` (the maths), `selection` (which Linears), `config`, `solver` (`TritPlanes`) and `errors`;
 works on any transformers-style model without importing transformers; no disk I/O (`calibrated` does that).
@@ -311,8 +315,9 @@ def _quantize_layer(layer, linears, hidden, out, args, kwargs, device, config, d
         for h in handles:
             h.remove()
     planes = {}
-    # widest input first (down_proj): its H and weight are freed before the others are solved
-    for k in sorted(range(len(groups)), key=lambda k: -hess[k].shape[0]):
+    # widest input last (down_proj): by its solve, the peak of the layer's, the other Linears' weights and
+    # Hessians are freed (streaming)
+    for k in sorted(range(len(groups)), key=lambda k: hess[k].shape[0]):
         h = hess[k].div_(max(count[k], 1))  # (in, in), in place: one copy of a wide H is enough
         hess[k] = None
         for n in groups[k]:

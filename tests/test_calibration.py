@@ -342,9 +342,9 @@ def test_interrupted_calibrated_run_resumes_to_identical_bytes(tiny_model_dir, t
 
     real, calls = calibration.gptq_trit_planes, []
 
-    def interrupted(*args, **kwargs):  # Ctrl-C while solving the second layer (4 distinct inputs per layer)
+    def interrupted(*args, **kwargs):  # Ctrl-C while solving the second layer (7 Linears per layer)
         calls.append(1)
-        if len(calls) == 6:
+        if len(calls) == 10:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -480,7 +480,7 @@ def test_interrupted_calibrated_run_resumes_only_with_its_text_and_source(tiny_m
 
     def interrupted(*args, **kwargs):  # Ctrl-C while solving the second layer
         calls.append(1)
-        if len(calls) == 6:
+        if len(calls) == 10:  # in the second layer (7 Linears per layer)
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 

@@ -36,7 +36,8 @@ def test_streamed_layer_weights_are_freed_as_soon_as_they_are_fit(tiny_model_dir
 
     def fit(w, h, *args, **kwargs):
         refs = layers[-1]
-        name = next(n for n, r in refs.items() if r() is w.untyped_storage())  # the Linear being fit
+        name = next((n for n, r in refs.items() if r() is w.untyped_storage()), None)  # the Linear being fit
+        assert name is not None, f"a copy {tuple(w.shape)} is fit, not a Linear's own weight (stacked?)"
         kept = [n for n in fitted if n in _alive(refs)]
         assert not kept, f"{kept} still in memory after being fit, while {name} is fit"
         fitted.append(name)
