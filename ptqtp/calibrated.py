@@ -34,14 +34,14 @@ import torch
 
 from . import checkpoint as ckpt
 from . import loader, writer
-from .calibration import ACT_DTYPE, LayerResult, calibrate_layers, capture_layer_inputs
+from .calibration import ACT_DTYPE, LayerResult, calibrate_layers, capture_layer_inputs, trim_heap
 from .calibration_data import BUNDLED, load_calibration_tokens, resolve_calibration_path
 from .config import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN, TRIT_METHODS, TritPlaneConfig
 from .converter import TensorConverter, check_finite
 from .device import resolve_device
 from .errors import BadOptionError, OutputExistsError, UnsupportedCheckpointError
 from .hessian_fit import DEFAULT_DAMP, DEFAULT_FEEDBACK
-from .layer_stream import StreamedModel, trim_heap
+from .layer_stream import StreamedModel
 from .packing import PackedTritPlanes
 from .progress import progress_bar
 from .selection import DENSE, select_linears

@@ -23,6 +23,7 @@ works on any transformers-style model without importing transformers; no disk I/
 
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass, field
 from collections.abc import Mapping
@@ -50,6 +51,24 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         "quantize it without --calib."
     )
 
+
+def trim_heap() -> None:
+    """glibc's malloc_trim: memory freed while streaming (a Linear's weight once fit, a layer once done, its
+    Hessians and solver buffers) is handed back to the OS. Without it, glibc's growing mmap threshold keeps
+    tens-of-MB blocks on its heaps: freeing them does not lower the resident set, and the fragmented heap grows
+    layer after layer (the peak RSS then grows with the model's depth)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 (not glibc: no trimming)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 ACT_DTYPE = torch.bfloat16  # calibration activations between layers: half the memory of float32, range kept
 
@@ -314,6 +333,8 @@ def _quantize_layer(layer, linears, hidden, out, args, kwargs, device, config, d
     finally:
         for h in handles:
             h.remove()
+    if drop:
+        trim_heap()  # the forward's buffers
     planes = {}
     # widest input last (down_proj): by its solve, the peak of the layer's, the other Linears' weights and
     # Hessians are freed (streaming)
@@ -328,6 +349,7 @@ def _quantize_layer(layer, linears, hidden, out, args, kwargs, device, config, d
             del tp
             if drop:
                 _drop_weight(linears[n])
+                trim_heap()  # its weight and solver buffers
             if on_linear is not None:
                 on_linear(n)
         del h

@@ -6,18 +6,16 @@ embedding (read in chunks of rows, never the whole table), and the one decoder l
 tensors read through `loader.SourceTensor.read` (`checkpoint.read_tensor`, the one tensor reader). Peak memory
 is one decoder layer in the compute dtype, not the model.
 
-Imports `calibration` (`find_decoder_layers`), `loader` (the source's tensors) and `errors`; transformers
+Imports `calibration` (`find_decoder_layers`, `trim_heap`), `loader` (the source's tensors) and `errors`; transformers
 inside functions only.
 """
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 from torch import nn
 
-from .calibration import find_decoder_layers
+from .calibration import find_decoder_layers, trim_heap
 from .errors import UnsupportedCheckpointError
 from .loader import Source
 
@@ -111,21 +109,3 @@ class StreamedModel:
         """Frees the layer's memory (back to the meta device), and hands freed heap pages back to the OS."""
         layer.to("meta")
         trim_heap()
-
-
-def trim_heap() -> None:
-    """glibc's malloc_trim: after each layer, the freed memory of its weights, Hessians and solver buffers is
-    returned to the OS. Without it, glibc's growing mmap threshold keeps tens-of-MB blocks on its heaps and
-    the fragmented heap grows layer after layer (the peak RSS then grows with the model's depth)."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 (not glibc: no trimming)
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
