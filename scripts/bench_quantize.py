@@ -12,7 +12,8 @@ to the baseline measured in the same run.
 With `--calib`, step 2 is calibrated mode (`--calib boolq`; a toy byte-level tokenizer is written beside the
 weights) on the `calib` shape by default (24 layers of hidden 2048: 4.6 GB in float32), and the peak RSS is
 printed against the streaming bound: one decoder layer in float32 + the calibration activations (two bf16
-buffers of samples x seq_len x hidden) + 1 GiB.
+buffers of samples x seq_len x hidden) + 1 GiB; the run's RSS is also sampled from outside, and its highest
+value while each decoder layer was calibrated is printed (does the peak grow with depth?).
 
     python scripts/bench_quantize.py --layers 1 --method rtn-ternary     # CPU: memory behaviour in minutes
     python scripts/bench_quantize.py --shape 8b --device cuda            # GPU: the 8B-shaped run
