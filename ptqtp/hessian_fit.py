@@ -63,11 +63,10 @@ def _inverse_hessian_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tenso
 
 
 def _all_finite(t: torch.Tensor, chunk_elems: int = 1 << 20) -> bool:
-    """torch.isfinite(t).all(), a block of rows at a time: on a whole wide H its temporaries (|H|, masks) would
-    add ~1.7x H's size to the peak memory of the solve."""
-    step = max(1, chunk_elems // max(1, t[0].numel())) if t.dim() and len(t) else 1
-    return all(bool(torch.isfinite(t[r0:r0 + step]).all()) for r0 in range(0, len(t), step)) if t.dim() else \
-        bool(torch.isfinite(t))
+    """torch.isfinite(t).all() of a matrix (rows, columns), a block of rows at a time: on a whole wide H its
+    temporaries (|H|, masks) would add ~1.7x H's size to the peak memory of the solve."""
+    step = max(1, chunk_elems // max(1, t.shape[-1]))
+    return all(bool(torch.isfinite(t[r0:r0 + step]).all()) for r0 in range(0, t.shape[0], step))
 
 
 def gptq_trit_planes(weight: torch.Tensor, hessian: torch.Tensor, group_size: int = 128, method: str = "ptqtp",

@@ -6,8 +6,8 @@ embedding (read in chunks of rows, never the whole table), and the one decoder l
 tensors read through `loader.SourceTensor.read` (`checkpoint.read_tensor`, the one tensor reader). Peak memory
 is one decoder layer in the compute dtype, not the model.
 
-Imports `calibration` (`find_decoder_layers`, `trim_heap`), `loader` (the source's tensors) and `errors`; transformers
-inside functions only.
+Imports `calibration` (`find_decoder_layers`, `trim_heap`), `loader` (the source's tensors) and `errors`;
+transformers inside functions only.
 """
 
 from __future__ import annotations

@@ -159,6 +159,18 @@ def test_non_finite_activations_raise_a_ptqtp_error():
         gptq_trit_planes(torch.randn(3, 8), h, group_size=8)
 
 
+@pytest.mark.parametrize("where", ["hessian first row", "hessian last row", "weight last row"])
+def test_non_finite_values_anywhere_in_a_wide_layer_raise(where):
+    """The finiteness check goes a block of rows at a time (memory): a value in any block is found."""
+    n = 1100  # H's rows span two blocks of the check
+    w, h = torch.zeros(2, n), torch.eye(n)
+    target, (r, c) = {"hessian first row": (h, (0, 5)), "hessian last row": (h, (n - 1, n - 2)),
+                      "weight last row": (w, (1, n - 1))}[where]
+    target[r, c] = float("inf")
+    with pytest.raises(PtqtpError, match="NaN/Inf"):
+        gptq_trit_planes(w, h, group_size=100, max_iters=1)
+
+
 # -------------------------------------------------------------------------------------------- calibration text
 
 
