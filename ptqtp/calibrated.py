@@ -34,7 +34,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import loader, writer
-from .calibration import ACT_DTYPE, LayerResult, calibrate_layers, capture_layer_inputs
+from .calibration import ACT_DTYPE, LayerResult, calibrate_layers, capture_layer_inputs, trim_heap
 from .calibration_data import BUNDLED, load_calibration_tokens, resolve_calibration_path
 from .config import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN, TRIT_METHODS, TritPlaneConfig
 from .converter import TensorConverter, check_finite
@@ -65,17 +65,18 @@ def _save_layer(partial, result: LayerResult) -> None:
     ckpt.write_shard(_layer_file(partial, result.index), tensors)
 
 
+def _read_planes(header: ckpt.ShardHeader, name: str, group_size: int) -> TritPlanes:
+    """One Linear's planes from a saved layer's file (files are complete or absent: written atomically)."""
+    in_f = int(header.read(f"{name}.shape")[1])
+    return PackedTritPlanes(header.read(f"{name}.packed"), header.read(f"{name}.scales"), in_f,
+                            group_size).to_trit_planes()
+
+
 def _read_layer(path, group_size: int) -> dict[str, TritPlanes]:
-    """One saved layer's planes (files are complete or absent: written atomically)."""
+    """One saved layer's planes."""
     header = ckpt.read_header(path)
-    planes = {}
-    for key in header.tensors:
-        if key.endswith(".packed"):
-            name = key[: -len(".packed")]
-            in_f = int(header.read(f"{name}.shape")[1])
-            planes[name] = PackedTritPlanes(header.read(key), header.read(f"{name}.scales"), in_f,
-                                            group_size).to_trit_planes()
-    return planes
+    return {key[: -len(".packed")]: _read_planes(header, key[: -len(".packed")], group_size)
+            for key in header.tensors if key.endswith(".packed")}
 
 
 class _SavedLayers(Mapping):
@@ -97,25 +98,26 @@ class _SavedLayers(Mapping):
 
 
 class _SavedPlanes:
-    """Weight name -> TritPlanes from the saved layers, one layer file read at a time (the writer asks for the
-    weights in checkpoint order, layer after layer), for `converter.TensorConverter`."""
+    """Weight name -> TritPlanes from the saved layers, for `converter.TensorConverter`: each weight's planes read
+    from its layer's file when asked for, so memory holds one Linear's unpacked planes, not a layer's."""
 
     def __init__(self, layers: _SavedLayers):
-        self.layers = layers
-        self.where = {f"{key[: -len('.packed')]}.weight": index for index, path in layers.paths.items()
-                      for key in ckpt.read_header(path).tensors if key.endswith(".packed")}
-        self._index, self._planes = None, {}
+        self.group_size = layers.group_size
+        self.where = {}  # weight name -> (header of its layer's file, module name)
+        for path in layers.paths.values():
+            header = ckpt.read_header(path)
+            self.where.update({f"{key[: -len('.packed')]}.weight": (header, key[: -len(".packed")])
+                               for key in header.tensors if key.endswith(".packed")})
 
     def __len__(self) -> int:
         return len(self.where)
 
     def get(self, name: str) -> TritPlanes | None:
-        index = self.where.get(name)
-        if index is None:
+        found = self.where.get(name)
+        if found is None:
             return None
-        if index != self._index:
-            self._index, self._planes = index, self.layers[index]
-        return self._planes[name[: -len(".weight")]]
+        trim_heap()  # the last weight's buffers (read, unpacked, compared, packed) back to the OS
+        return _read_planes(*found, self.group_size)
 
 
 def _compute_dtype(model_dir, device: torch.device) -> torch.dtype:
@@ -211,10 +213,10 @@ def _calibrate(run, source, tokens, config, device, damp, feedback, show_progres
     bar.skip(len(skipped), sum(work[n] for n in skipped))
     try:
         calibrate_layers(len(model.layers), model.load, hidden, layer_inputs, config, prefix=model.prefix,
-                                  device=device, damp=damp, feedback=feedback, done=done,
-                                  on_layer=lambda r: _save_layer(partial, r),
-                                  on_linear=lambda name: bar.update(1, name, work[name]), release=model.release,
-                                  keep=False)
+                         device=device, damp=damp, feedback=feedback, done=done,
+                         on_layer=lambda r: _save_layer(partial, r),
+                         on_linear=lambda name: bar.update(1, name, work[name]), release=model.release,
+                         stream=True)
     finally:
         bar.close()
     return _SavedPlanes(_SavedLayers(partial, config.group_size)), time.perf_counter() - t_start

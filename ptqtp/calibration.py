@@ -4,14 +4,18 @@ One pass over the calibration set through the full-precision model: per decoder 
 sample's hidden state runs through the layer in full precision; forward hooks collect each distinct Linear
 input's Hessian H = X^T X / n (float32), and the layer's outputs are the next layer's inputs. Then each weight
 is fit against its H (`hessian_fit`). Linears reading the same input (q/k/v, gate/up) share one Hessian and are
-solved as one matrix with their rows stacked (rows are independent given H). Full-precision inputs measured
+fit one after the other against it (rows are independent given H, so this gives exactly what one fit of their
+stacked rows gives, without the stacked copy). Full-precision inputs measured
 better than inputs through the already-quantized earlier layers (30.0 against 38.2 WikiText-2 ppl on
 SmolLM2-135M, eval/CALIBRATED.md) and need one forward per layer instead of two.
 
 Memory: the engine (`calibrate_layers`) sees one decoder layer at a time, handed over by a `load` callback
 (`calibrate_model`: a layer of a model in memory moved to the compute device; `calibrated`: a layer read from
 the checkpoint), and the calibration activations (samples x seq_len x hidden, two buffers) are kept on CPU in a
-compact dtype (`ACT_DTYPE`), one sample moved to the compute device at a time.
+compact dtype (`ACT_DTYPE`), one sample moved to the compute device at a time. Streaming
+(`calibrate_layers(stream=True)`), a layer's Linear weights are freed one by one as they are fit, each
+Hessian once its last reader is fit, and the widest input (down_proj) is fit last: its solve, the costliest,
+holds its own weight and H, not the layer's.
 
 Imports `hessian_fit` (the maths), `selection` (which Linears), `config`, `solver` (`TritPlanes`) and `errors`;
 works on any transformers-style model without importing transformers; no disk I/O (`calibrated` does that).
@@ -19,6 +23,7 @@ works on any transformers-style model without importing transformers; no disk I/
 
 from __future__ import annotations
 
+import ctypes
 import time
 from dataclasses import dataclass, field
 from collections.abc import Mapping
@@ -46,6 +51,24 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
         "quantize it without --calib."
     )
 
+
+def trim_heap() -> None:
+    """glibc's malloc_trim: memory freed while streaming (a Linear's weight once fit, a layer once done, its
+    Hessians and solver buffers) is handed back to the OS. Without it, glibc's growing mmap threshold keeps
+    tens-of-MB blocks on its heaps: freeing them does not lower the resident set, and the fragmented heap grows
+    layer after layer (the peak RSS then grows with the model's depth)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 (not glibc: no trimming)
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 ACT_DTYPE = torch.bfloat16  # calibration activations between layers: half the memory of float32, range kept
 
@@ -196,11 +219,15 @@ def calibrate_layers(num_layers: int, load: Callable[[int], nn.Module], hidden: 
                      on_layer: Callable[[LayerResult], None] | None = None,
                      on_linear: Callable[[str], None] | None = None,
                      release: Callable[[int, nn.Module], None] | None = None,
-                     keep: bool = True) -> dict[str, TritPlanes]:
+                     stream: bool = False) -> dict[str, TritPlanes]:
     """The engine: decoder layers one at a time, from `load(i)` (the full-precision layer on `device`), on the
     layer-0 inputs `hidden` (n, seq, hidden; CPU, compact dtype; overwritten); `release(i, layer)` when done
-    with it (its Linears then compute with the stored planes). `keep=False`: the planes are only handed to
-    `on_layer` (memory holds one layer's), and {} is returned. Otherwise as for `calibrate_model`."""
+    with it (its Linears then compute with the stored planes). Otherwise as for `calibrate_model`.
+
+    `stream=True` (calibrated mode on a checkpoint, `calibrated`): the layer is never used after `release`,
+    so memory holds as little of it as it can: each Linear's weight is dropped as soon as it is solved (not
+    overwritten with the planes), each layer's planes are only handed to `on_layer` before `release` (which
+    returns freed memory to the OS), and {} is returned."""
     _check_method(config)
     done = done or {}
     results: dict[str, TritPlanes] = {}
@@ -221,17 +248,18 @@ def calibrate_layers(num_layers: int, load: Callable[[int], nn.Module], hidden: 
                     "cpu", out.dtype)
         else:
             planes = _quantize_layer(layer, linears, hidden, out, args, kwargs, device, config, damp, on_linear,
-                                     feedback)
-        for name, linear in linears.items():
-            _set_weight(linear, planes[name])
-        if keep:
+                                     feedback, drop=stream)
+        if not stream:
+            for name, linear in linears.items():
+                _set_weight(linear, planes[name])
             results.update(planes)
-        if release is not None:
-            release(li, layer)
-        hidden, out = out, hidden
         if li not in done and on_layer is not None:
             on_layer(LayerResult(li, planes, time.perf_counter() - start))
-        del planes
+        del planes, linears, args, kwargs
+        if release is not None:
+            release(li, layer)
+        del layer
+        hidden, out = out, hidden
     return results
 
 
@@ -274,9 +302,12 @@ def _shared_inputs(layer, linears, x, args, kwargs) -> tuple[list[list[str]], li
     return groups, inputs, y
 
 
-def _quantize_layer(layer, linears, hidden, out, args, kwargs, device, config, damp, on_linear, feedback):
+def _quantize_layer(layer, linears, hidden, out, args, kwargs, device, config, damp, on_linear, feedback,
+                    drop=False):
     """One full-precision pass of the layer over the calibration set: H = X^T X / n per distinct Linear input
-    (float32, on `device`) and the layer's outputs into `out`; then each input's weights are fit."""
+    (float32, on `device`) and the layer's outputs into `out`; then each Linear is fit, one at a time (Linears
+    reading the same input share its H; rows are independent, so fitting them apart gives what a stacked fit
+    gives, without the stacked copy). `drop`: each Linear's weight is freed once fit (streaming)."""
     groups, first, y = _shared_inputs(layer, linears, _input(layer, hidden[:1], device), args, kwargs)
     out[0:1] = y.to("cpu", out.dtype)
     hess = []
@@ -302,24 +333,31 @@ def _quantize_layer(layer, linears, hidden, out, args, kwargs, device, config, d
     finally:
         for h in handles:
             h.remove()
+    if drop:
+        trim_heap()  # the forward's buffers
     planes = {}
-    # widest input first (down_proj): its H is freed before the widest stacked weight (gate/up) is solved
-    for k in sorted(range(len(groups)), key=lambda k: -hess[k].shape[0]):
-        names = groups[k]
+    # widest input last (down_proj): by its solve, the peak of the layer's, the other Linears' weights and
+    # Hessians are freed (streaming)
+    for k in sorted(range(len(groups)), key=lambda k: hess[k].shape[0]):
         h = hess[k].div_(max(count[k], 1))  # (in, in), in place: one copy of a wide H is enough
         hess[k] = None
-        ws = [linears[n].weight.data for n in names]
-        w = ws[0] if len(ws) == 1 else torch.cat(ws, dim=0)  # (sum of out, in)
-        tp = gptq_trit_planes(w, h, config.group_size, config.method, config.max_iters, config.tol, damp,
-                              feedback=feedback)
-        del w, h
-        row = 0
-        for n in names:
-            rows = linears[n].out_features
-            planes[n] = TritPlanes(planes=tp.planes[:, row:row + rows].cpu().contiguous(),
-                                   scales=tp.scales[:, row:row + rows].cpu().contiguous(),
-                                   group_size=tp.group_size, iterations=tp.iterations)
-            row += rows
+        for n in groups[k]:
+            tp = gptq_trit_planes(linears[n].weight.data, h, config.group_size, config.method, config.max_iters,
+                                  config.tol, damp, feedback=feedback)
+            planes[n] = TritPlanes(planes=tp.planes.cpu(), scales=tp.scales.cpu(), group_size=tp.group_size,
+                                   iterations=tp.iterations)
+            del tp
+            if drop:
+                _drop_weight(linears[n])
+                trim_heap()  # its weight and solver buffers
             if on_linear is not None:
                 on_linear(n)
+        del h
     return planes
+
+
+def _drop_weight(linear: nn.Module) -> None:
+    """Free a Linear's weight, leaving a meta tensor of its shape and dtype (the layer goes to meta anyway)."""
+    w = linear.weight
+    linear.weight = nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=False)
+    del w

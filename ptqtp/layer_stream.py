@@ -6,18 +6,16 @@ embedding (read in chunks of rows, never the whole table), and the one decoder l
 tensors read through `loader.SourceTensor.read` (`checkpoint.read_tensor`, the one tensor reader). Peak memory
 is one decoder layer in the compute dtype, not the model.
 
-Imports `calibration` (`find_decoder_layers`), `loader` (the source's tensors) and `errors`; transformers
-inside functions only.
+Imports `calibration` (`find_decoder_layers`, `trim_heap`), `loader` (the source's tensors) and `errors`;
+transformers inside functions only.
 """
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 from torch import nn
 
-from .calibration import find_decoder_layers
+from .calibration import find_decoder_layers, trim_heap
 from .errors import UnsupportedCheckpointError
 from .loader import Source
 
@@ -104,28 +102,10 @@ class StreamedModel:
         with torch.no_grad():
             for name, t in list(layer.named_parameters()) + list(layer.named_buffers()):
                 src = self.tensors[f"{self.prefix}.{li}.{name}"]
-                t.copy_(src.read().to(device=self.device, dtype=t.dtype))
+                t.copy_(src.read())  # converted in the copy: no temporary of the layer's dtype
         return layer
 
     def release(self, li: int, layer: nn.Module) -> None:
         """Frees the layer's memory (back to the meta device), and hands freed heap pages back to the OS."""
         layer.to("meta")
-        _trim_heap()
-
-
-def _trim_heap() -> None:
-    """glibc's malloc_trim: after each layer, the freed memory of its weights, Hessians and solver buffers is
-    returned to the OS. Without it, glibc's growing mmap threshold keeps tens-of-MB blocks on its heaps and
-    the fragmented heap grows layer after layer (the peak RSS then grows with the model's depth)."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim  # noqa: B018 (not glibc: no trimming)
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
+        trim_heap()

@@ -12,7 +12,8 @@ to the baseline measured in the same run.
 With `--calib`, step 2 is calibrated mode (`--calib boolq`; a toy byte-level tokenizer is written beside the
 weights) on the `calib` shape by default (24 layers of hidden 2048: 4.6 GB in float32), and the peak RSS is
 printed against the streaming bound: one decoder layer in float32 + the calibration activations (two bf16
-buffers of samples x seq_len x hidden) + 1 GiB.
+buffers of samples x seq_len x hidden) + 1 GiB; the run's RSS is also sampled from outside, and its highest
+value while each decoder layer was calibrated is printed (does the peak grow with depth?).
 
     python scripts/bench_quantize.py --layers 1 --method rtn-ternary     # CPU: memory behaviour in minutes
     python scripts/bench_quantize.py --shape 8b --device cuda            # GPU: the 8B-shaped run
@@ -36,7 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ptqtp import checkpoint as ckpt  # noqa: E402
-from ptqtp.writer import parse_size  # noqa: E402
+from ptqtp.writer import PARTIAL_DIR, parse_size  # noqa: E402
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings
@@ -164,9 +165,41 @@ def run_quantize(src: pathlib.Path, out: pathlib.Path, args) -> tuple[float, dic
         cmd += ["--calib", "boolq", "--calib-samples", str(args.calib_samples), "--calib-seq-len",
                 str(args.calib_seq_len)]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    proc = subprocess.Popen(cmd)
+    per_layer = _trace_layers(proc, out / PARTIAL_DIR, args.num_layers) if args.calib else {}
+    if proc.wait() != 0:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
     wall = time.perf_counter() - t0
-    return wall, json.loads((out / "ptqtp_report.json").read_text())
+    return wall, json.loads((out / "ptqtp_report.json").read_text()), per_layer
+
+
+def _rss(pid: int) -> int:
+    """VmRSS of a running process in bytes (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def _trace_layers(proc: subprocess.Popen, partial: pathlib.Path, num_layers: int,
+                  every: float = 0.05) -> dict[str, int]:
+    """Highest VmRSS sampled (every `every` s) while each decoder layer was being calibrated (counted by the
+    finished layer files calibrated mode saves), before calibration and while writing: shows whether the
+    peak grows with depth. Sampled, so a spike shorter than `every` can be missed (the report's peak cannot)."""
+    peaks: dict[str, int] = {}
+    stage, seen_partial = "before calibration", False
+    while proc.poll() is None:
+        rss = _rss(proc.pid)
+        if partial.is_dir():
+            seen_partial = True
+            done = len(list(partial.glob("layer-*.safetensors")))
+            stage = f"layer {done}" if done < num_layers else "write"
+        elif seen_partial:
+            stage = "write"
+        peaks[stage] = max(peaks.get(stage, 0), rss)
+        time.sleep(every)
+    return peaks
 
 
 def main() -> None:
@@ -190,6 +223,7 @@ def main() -> None:
     shape = dict(SHAPES[args.shape])
     if args.layers:
         shape["layers"] = min(args.layers, shape["layers"])
+    args.num_layers = shape["layers"]
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="ptqtp-bench-"))
     src, out = work / "src", work / "out"
@@ -201,7 +235,7 @@ def main() -> None:
         print(f"synthetic {args.shape} checkpoint, {shape['layers']} layers: {size / 1e9:.2f} GB "
               f"(built in {time.perf_counter() - t0:.1f} s)", flush=True)
         base_s, n_tensors, base_rss = run_baseline(src, device)
-        wall, report = run_quantize(src, out, args)
+        wall, report, per_layer = run_quantize(src, out, args)
         t = report["totals"]
         rows = {
             "shape": args.shape, "layers": shape["layers"], "method": args.method, "device": report["device"],
@@ -222,9 +256,12 @@ def main() -> None:
                          "model_fp32_bytes": layer * shape["layers"] + 4 * shape["vocab"] * shape["hidden"],
                          "decoder_layer_fp32_bytes": layer, "calib_activation_bytes": acts,
                          "streaming_bound_bytes": bound, "peak_rss_vs_bound": round(t["peak_rss_bytes"] / bound, 3),
-                         "calibration_s": report["calibration"]["calibration_seconds"]})
+                         "calibration_s": report["calibration"]["calibration_seconds"],
+                         "sampled_peak_rss_bytes": per_layer})
         width = max(map(len, rows))
         for k, v in rows.items():
+            if isinstance(v, dict):  # stage -> bytes
+                v = ", ".join(f"{stage}: {b / 1e6:.0f} MB" for stage, b in v.items())
             print(f"{k:<{width}}  {v}")
         if args.json:
             pathlib.Path(args.json).write_text(json.dumps(rows, indent=2))
