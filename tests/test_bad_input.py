@@ -285,8 +285,8 @@ def test_ctrl_c_leaves_only_complete_files_and_resume_finishes(tiny_model_dir, t
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert main(["quantize", str(src), "-o", str(ref), *opts]) == 0
     slow = [sys.executable, str(pathlib.Path(__file__).with_name("slow_quantize.py")), "0.1", "quantize"]
-    proc = subprocess.Popen([*slow, str(src), "-o", str(out), *opts], env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*slow, str(src), "-o", str(out), *opts], env={**ENV, "SLOW_QUANTIZE_HOLD": "2"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         try:

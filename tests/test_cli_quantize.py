@@ -111,8 +111,8 @@ def test_kill_then_resume_gives_the_same_bytes(tiny_model_dir, tmp_path):
     assert n_shards >= 4
 
     slow = [sys.executable, str(pathlib.Path(__file__).with_name("slow_quantize.py")), "0.2", "quantize"]
-    proc = subprocess.Popen([*slow, src, "-o", out, *opts], env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([*slow, src, "-o", out, *opts], env={**ENV, "SLOW_QUANTIZE_HOLD": "2"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = out / "ptqtp_manifest.json"
     deadline = time.time() + 240
     finished = 0
