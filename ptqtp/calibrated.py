@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import pathlib
 import time
 from collections.abc import Mapping
@@ -34,9 +33,9 @@ import torch
 
 from . import checkpoint as ckpt
 from . import loader, writer
-from .calibration import ACT_DTYPE, LayerResult, calibrate_layers, capture_layer_inputs, trim_heap
+from .calibration import ACT_DTYPE, LayerResult, calibrate_layers, capture_layer_inputs, check_method, trim_heap
 from .calibration_data import BUNDLED, load_calibration_tokens, resolve_calibration_path
-from .config import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN, TRIT_METHODS, TritPlaneConfig
+from .config import DEFAULT_CALIB_SAMPLES, DEFAULT_CALIB_SEQ_LEN, TritPlaneConfig
 from .converter import TensorConverter, check_finite
 from .device import resolve_device
 from .errors import BadOptionError, OutputExistsError, UnsupportedCheckpointError
@@ -48,6 +47,7 @@ from .selection import DENSE, select_linears
 from .solver import TritPlanes
 
 _STATE_NAME = "state.json"  # in OUT/.calib-partial (`writer.PARTIAL_DIR`), beside the finished layers
+CHECK_BLOCK_BYTES = 64 << 20  # rows of a weight read at a time for the finiteness check before calibrating
 
 
 def _layer_file(partial, index: int):
@@ -153,9 +153,7 @@ def quantize_checkpoint_calibrated(src, dst, config: TritPlaneConfig | None = No
 
     t_start = time.perf_counter()
     config = config or TritPlaneConfig()
-    if config.method not in TRIT_METHODS:
-        raise BadOptionError(f"method {config.method!r} has no trit-planes to calibrate; with --calib use one of "
-                             f"{', '.join(TRIT_METHODS)}.")
+    check_method(config)
     if resume and overwrite:
         raise BadOptionError("--resume and --overwrite contradict each other; pass one of them.")
     if not damp > 0:
@@ -255,6 +253,5 @@ def _check_weights(source, linears) -> None:
             "quantize without --calib.")
     for t in source.tensors:
         if t.name in fitted:
-            step = max(1, (64 << 20) // max(1, math.prod(t.shape[1:]) * t.dtype.itemsize))
-            for r0 in range(0, t.shape[0], step):
-                check_finite(t.read((r0, min(r0 + step, t.shape[0]))), t.name)
+            for rows in t.row_blocks(CHECK_BLOCK_BYTES):
+                check_finite(t.read(rows), t.name)

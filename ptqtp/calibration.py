@@ -189,7 +189,7 @@ def calibrate_model(model: nn.Module, tokens: torch.Tensor, config: TritPlaneCon
         on_layer: called after each newly quantized layer (to persist it).
         on_linear: called with each Linear's name once it is quantized (progress).
     """
-    _check_method(config)
+    check_method(config)
     prefix, layers = find_decoder_layers(model)
     home = next(model.parameters()).device
     device = torch.device(device) if device is not None else home
@@ -206,7 +206,8 @@ def calibrate_model(model: nn.Module, tokens: torch.Tensor, config: TritPlaneCon
                             release=release)
 
 
-def _check_method(config: TritPlaneConfig) -> None:
+def check_method(config: TritPlaneConfig) -> None:
+    """Calibration fits trit-planes: a method without them is refused by name, before any work."""
     if config.method not in TRIT_METHODS:
         raise BadOptionError(f"method {config.method!r} has no trit-planes to calibrate; with --calib use one of "
                              f"{', '.join(TRIT_METHODS)}.")
@@ -228,7 +229,7 @@ def calibrate_layers(num_layers: int, load: Callable[[int], nn.Module], hidden: 
     so memory holds as little of it as it can: each Linear's weight is dropped as soon as it is solved (not
     overwritten with the planes), each layer's planes are only handed to `on_layer` before `release` (which
     returns freed memory to the OS), and {} is returned."""
-    _check_method(config)
+    check_method(config)
     done = done or {}
     results: dict[str, TritPlanes] = {}
     out = torch.empty_like(hidden)  # (n, seq, hidden): the next layer's inputs

@@ -87,10 +87,8 @@ class StreamedModel:
         vocab, hidden = src.shape
         if int(ids.max()) >= vocab:
             raise _unsupported(f"token id {int(ids.max())} is outside the embedding table ({vocab} rows)")
-        step = max(1, EMBED_CHUNK_BYTES // (hidden * src.dtype.itemsize))
         rows = torch.empty(len(ids), hidden, dtype=self.dtype)  # (used ids, hidden)
-        for r0 in range(0, vocab, step):
-            r1 = min(r0 + step, vocab)
+        for r0, r1 in src.row_blocks(EMBED_CHUNK_BYTES):
             sel = ((ids >= r0) & (ids < r1)).nonzero().view(-1)
             if len(sel):
                 rows[sel] = src.read((r0, r1))[ids[sel] - r0].to(self.dtype)

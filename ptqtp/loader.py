@@ -9,6 +9,7 @@ packed output transformers could not load (MoE experts of an unsupported layout)
 
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 from dataclasses import dataclass
@@ -41,6 +42,12 @@ class SourceTensor:
         """The tensor, or rows [r0, r1) of it (`checkpoint.read_tensor`, plain file I/O; errors name the file)."""
         return ckpt.read_tensor(self.file, ckpt.TensorSpec(self.name, self.dtype, self.shape), self.data_range[0],
                                 rows)
+
+    def row_blocks(self, max_bytes: int) -> list[tuple[int, int]]:
+        """Row ranges [r0, r1) of at most `max_bytes` each (one row at least): a large tensor read a block at a
+        time (`read(rows)`) never has to be in memory whole."""
+        step = max(1, max_bytes // max(1, math.prod(self.shape[1:]) * self.dtype.itemsize))
+        return [(r0, min(r0 + step, self.shape[0])) for r0 in range(0, self.shape[0], step)]
 
 
 def resolve_model(model, revision: str | None = None) -> pathlib.Path:
