@@ -93,6 +93,21 @@ def test_every_token_count(isa, m, dtype, monkeypatch):
     assert torch.equal(y, ops.trit_linear(x16, packed, scales, bias.to(dtype), 128, 1001)[:m])
 
 
+@pytest.mark.parametrize("m", [2, 8, 11])
+def test_bf16dot_rows_longer_than_a_column_block(m, monkeypatch):
+    """bf16dot walks K in blocks of 16384 columns and parks its running sums between blocks: a row that spans
+    two blocks (and ends in a partial group) matches the reference like a short one."""
+    _isa_or_skip("avx512bf16")
+    monkeypatch.setenv(cpu.ENV_ISA, "avx512bf16")
+    n, k = 35, 16384 + 300
+    packed, scales, bias = _layer(n, k, 128, seed=4)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    want = ops.trit_linear_reference(x.double(), packed, scales, bias.double(), 128, k)
+    y = ops.trit_linear(x, packed, scales, bias.to(torch.bfloat16), 128, k)
+    assert cpu.kernel_for(m, torch.bfloat16, "avx512bf16") == "bf16dot"
+    assert _rel_err(y, want) <= MAX_REL_ERR_VS_REFERENCE[torch.bfloat16]
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_stale_layout_is_rebuilt(isa, monkeypatch):
     """The runtime layout is cached per weight: an in-place overwrite (load_state_dict) must give new results."""
