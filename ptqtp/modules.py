@@ -117,3 +117,26 @@ class TritPlaneLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bits_per_weight={self.bits_per_weight():.2f}, group_size={self.group_size}, "
                 f"backend={self.backend_name()}")
+
+
+class DenseHeadLinear(nn.Linear):
+    """The output head a quantized model keeps dense (`selection.pinned_dense`), computed by
+    `backends.dense_linear`: at decode on an AVX-512 CPU ptqtp's dense GEMV, which streams the weight at about
+    twice torch's rate there (the head of a small model is a large share of a token: SmolLM2-135M's is 113 MB in
+    float32, more than all its quantized Linears), elsewhere `F.linear`. Only the class differs from `nn.Linear`:
+    same parameters (a tie to the input embedding stays a tie), same state dict, same checkpoint."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        return backends.dense_linear(x, self.weight, self.bias)
+
+
+def adopt_dense_head(model: nn.Module) -> nn.Module:
+    """Make the output head of a quantized `model` a `DenseHeadLinear` in place, when it is a plain `nn.Linear`
+    (a subclass of it may compute something else, so it is left alone). Returns `model`."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if type(head) is nn.Linear:
+        head.__class__ = DenseHeadLinear
+    return model

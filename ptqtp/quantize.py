@@ -19,7 +19,7 @@ from .errors import BadOptionError
 from .hessian_fit import DEFAULT_DAMP, DEFAULT_FEEDBACK
 from .experts import TritPlaneExperts, unsupported
 from .load_plan import keep_packed_on_save
-from .modules import TritPlaneLinear
+from .modules import TritPlaneLinear, adopt_dense_head
 from .packing import PackedTritPlanes
 from .pipeline import quantize_calibration_free
 from .selection import select_experts, select_linears
@@ -120,7 +120,7 @@ def quantize_model(model: nn.Module, config: TritPlaneConfig | None = None) -> n
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         model.config.quantization_config = config.to_dict()
     keep_packed_on_save(model)
-    return model
+    return adopt_dense_head(model)
 
 
 def run_quantize_cli(args) -> int:

@@ -17,7 +17,7 @@ from torch import nn
 from .config import TritPlaneConfig
 from .errors import CorruptCheckpointError, UnsupportedCheckpointError
 from .experts import TritPlaneExperts, default_parts, unsupported
-from .modules import TritPlaneLinear
+from .modules import TritPlaneLinear, adopt_dense_head
 from .selection import pinned_dense, select_experts, select_linears
 
 
@@ -41,7 +41,8 @@ def replace_linear(model: nn.Module, config: TritPlaneConfig | None = None, *,
             the config selects is converted. Output head and tied Linears stay dense either way.
 
     Returns:
-        `model`, with each shell on the device of the Linear it replaced and its bias in that Linear's dtype.
+        `model`, with each shell on the device of the Linear it replaced and its bias in that Linear's dtype; its
+        output head, kept dense, a `DenseHeadLinear` (same parameters; its decode calls run ptqtp's CPU GEMV).
 
     Raises:
         CorruptCheckpointError: a name in `names` is not a convertible Linear of `model`.
@@ -65,7 +66,7 @@ def replace_linear(model: nn.Module, config: TritPlaneConfig | None = None, *,
                                 group_size=config.group_size, device=linear.weight.device,
                                 dtype=linear.weight.dtype)
         model.set_submodule(name, shell)
-    return model
+    return adopt_dense_head(model)
 
 
 def replace_experts(model: nn.Module, config: TritPlaneConfig | None = None, *,

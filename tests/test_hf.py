@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import ptqtp
 from ptqtp import TritPlaneConfig, TritPlaneLinear
 from ptqtp.errors import BadOptionError, DependencyVersionError, FormatVersionError, ModelNotFoundError
+from ptqtp.modules import DenseHeadLinear
 
 IDS = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 64, 300, 11], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])  # (2, 10)
 CONFIG = TritPlaneConfig(device="cpu")
@@ -96,7 +97,7 @@ def test_round_trip_matches_fake_quantization(arch, quantized, tmp_path):
     dense, qdir = quantized(arch)
     model = ptqtp.from_pretrained(qdir)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, TritPlaneLinear))}
-    assert type(linears.pop("lm_head")) is nn.Linear
+    assert type(linears.pop("lm_head")) is DenseHeadLinear  # dense: an nn.Linear whose decode runs ptqtp's GEMV
     assert linears and all(isinstance(m, TritPlaneLinear) for m in linears.values()), linears
     if arch == "qwen2":  # q/k/v carry a bias, which must have been loaded, not left at zero
         assert model.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0

@@ -231,6 +231,42 @@ torch::Tensor gemv_bf16dot_op(const torch::Tensor& x, const torch::Tensor& codes
   return out.finish();
 }
 
+torch::Tensor gemv_dense_op(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias,
+                           int64_t grain_rows) {
+  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, "ptqtp gemv_dense: weight must be (N, K) with unit column stride, got ",
+              w.sizes(), " strides ", w.strides());
+  const int64_t n = w.size(0), k = w.size(1);
+  check_x(x, k, "ptqtp gemv_dense");
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  TORCH_CHECK((bf16 || x.scalar_type() == torch::kFloat32) && w.scalar_type() == x.scalar_type(),
+              "ptqtp gemv_dense: x and weight must both be float32 or both bfloat16, got ", x.scalar_type(), " and ",
+              w.scalar_type());
+  TORCH_CHECK(cpu_best_isa() >= (bf16 ? kAvx512Bf16 : kAvx512) && dense_gemv_compiled(),
+              "ptqtp gemv_dense: this CPU (or this build) has no ", bf16 ? "AVX512-BF16" : "AVX-512");
+  const int64_t m = x.numel() / k;
+  TORCH_CHECK(m >= 1 && m <= kDenseGemvMaxTokens, "ptqtp gemv_dense: M=", m, " tokens, the kernel takes 1..",
+              kDenseGemvMaxTokens);
+  const auto xc = x.contiguous();
+  torch::Tensor bias_keep;
+  DenseGemvProblem p{};
+  p.bias = bias_f32(bias, n, bias_keep);
+  p.x = xc.data_ptr();
+  p.x_stride = k;
+  p.w = w.data_ptr();
+  p.w_stride = w.stride(0);
+  p.bf16 = bf16;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.grain_rows = grain_rows;
+  p.threads = at::get_num_threads();
+  Output out(out_shape(x, n), m, n, x.scalar_type());
+  p.y = out.f32;
+  p.y_stride = n;
+  gemv_dense(p);
+  return out.finish();
+}
+
 torch::Tensor dequantize(const torch::Tensor& packed, const torch::Tensor& scales, int64_t k, int64_t group_size,
                          torch::ScalarType dtype) {
   const int64_t nb = (k + 4) / 5, groups = (k + group_size - 1) / group_size;
@@ -276,6 +312,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_bf16dot", &gemv_bf16dot_op, "y (..., N) in bf16 from bf16 x (..., K) and the bf16dot layout");
   m.def("contention_stalls", [] { return contention().stalls.load(); },
         "calls whose threads stalled on a busy machine so far (each switches the next calls to one thread)");
+  m.def("gemv_dense", &gemv_dense_op,
+        "y (..., N) in x.dtype from x (..., K) and a dense (N, K) weight of the same dtype (float32 / bf16, M <= 4)");
   m.def("gemv_lut3", &gemv_lut3_op, "y (..., N) in x.dtype from x (..., K) and the lut3 layout (AVX2 or generic)");
   m.def("dequantize", &dequantize, "dense (N, K) weight from the storage format");
   m.def("best_isa", [] { return std::string(isa_name(cpu_best_isa())); },

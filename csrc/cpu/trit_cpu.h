@@ -83,6 +83,26 @@ struct Bf16DotProblem {
 bool bf16dot_compiled();
 void gemv_bf16dot(const Bf16DotProblem& p);
 
+// ---- dense GEMV (AVX-512F float32 / AVX512-BF16 bfloat16): the Linears a quantized model keeps dense ----------
+constexpr int kDenseGemvMaxTokens = 4;
+
+struct DenseGemvProblem {
+  const void* x;          // (m, k) float32 or bf16 bits, row stride x_stride
+  int64_t x_stride;
+  const void* w;          // (n, k) in x's dtype, row stride w_stride
+  int64_t w_stride;
+  bool bf16;              // x and w are bf16 (else float32)
+  const float* bias;      // (n,) or null
+  float* y;               // (m, n) float32, row stride y_stride
+  int64_t y_stride;
+  int64_t m, n, k;        // m <= kDenseGemvMaxTokens
+  int64_t grain_rows;     // rows per claimed piece of work
+  int threads;
+};
+
+bool dense_gemv_compiled();
+void gemv_dense(const DenseGemvProblem& p);
+
 // One dense row from the storage format: packed planes p0/p1 (ceil(k/5) bytes each), float scales s0/s1 (G).
 void dequantize_row(const uint8_t* p0, const uint8_t* p1, const float* s0, const float* s1, int64_t k,
                     int64_t group_size, float* out);

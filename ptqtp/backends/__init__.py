@@ -22,11 +22,13 @@ import logging
 import os
 from dataclasses import replace
 
+import torch
+
 from ..errors import BadOptionError, NoBackendError
 from .base import GEMV_MAX_M, Backend, KernelSpec, env_reader, kernel_kind, m_class
 
 __all__ = ["Backend", "KernelSpec", "GEMV_MAX_M", "kernel_kind", "m_class", "available", "backend_names",
-           "get_backend", "select_backend", "backend_for", "clear_cache", "ENV_FORCE", "ENV_DISABLED"]
+           "get_backend", "select_backend", "backend_for", "clear_cache", "dense_linear", "ENV_FORCE", "ENV_DISABLED"]
 
 ENV_FORCE = "PTQTP_BACKEND"
 ENV_DISABLED = "PTQTP_DISABLED_BACKENDS"
@@ -118,6 +120,19 @@ def _first_fit(spec: KernelSpec, disabled: frozenset[str], call: KernelSpec) -> 
                          b.name, spec.device, reason)
     raise NoBackendError(f"no ptqtp backend can run {_describe(call)}: " + "; ".join(reasons)
                          + f"; unset {ENV_DISABLED} or move the model to a supported device.")
+
+
+def dense_linear(x, weight, bias=None):
+    """y = x @ weight.T + bias for a Linear a quantized model keeps dense (its output head, `DenseHeadLinear`):
+    the cpu backend's dense GEMV where it runs the call (decode on an AVX-512 CPU: it streams the weight at about
+    twice torch's rate there), else `F.linear`. Under PTQTP_BACKEND=<another backend> or with cpu in
+    PTQTP_DISABLED_BACKENDS it is always `F.linear`."""
+    from . import cpu
+
+    forced, disabled = _env()
+    if forced in ("", "cpu") and "cpu" not in disabled and cpu.dense_gemv_runs(x, weight):
+        return cpu.dense_gemv(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _describe(spec: KernelSpec) -> str:

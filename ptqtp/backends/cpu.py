@@ -38,6 +38,11 @@ LUT27_TILE_BYTES = 512 << 10
 # least work per thread in the lut27 kernel, in (16-row block, group, token) units of about 60 ns each
 LUT27_MIN_WORK = 96
 
+# the dense GEMV for a Linear a quantized model keeps dense (its output head): tokens up to which it runs, and
+# rows per piece of work its threads claim
+DENSE_GEMV_MAX_M = 4
+DENSE_GEMV_GRAIN_ROWS = 256
+
 _ISA_CHOICE: dict[tuple, str] = {}  # raw PTQTP_CPU_ISA value -> ISA that runs
 _raw_isa = env_reader(ENV_ISA)
 
@@ -127,6 +132,26 @@ def trit_linear_cpu(x, packed, scales, bias, group_size: int, in_features: int) 
         return ext.gemv_lut27(x, lay.codes, lay.scales, bias, n, in_features, group_size, lay.tail_in_spare,
                               LUT27_TILE_BYTES, LUT27_MIN_WORK)  # (..., N) x.dtype
     return ext.gemv_lut3(x, lay.codes, lay.scales, bias, n, in_features, group_size, isa() == "avx2")
+
+
+def dense_gemv_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `dense_gemv` takes y = x @ weight.T: both on CPU, both float32 (AVX-512) or both bfloat16
+    (AVX512-BF16), at most DENSE_GEMV_MAX_M tokens, weight rows with unit stride. Elsewhere F.linear is as
+    good: prefill is compute-bound, and torch's GEMV is the only option without these instructions."""
+    if x.device.type != "cpu" or weight.device.type != "cpu" or x.dtype != weight.dtype or weight.dim() != 2:
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16) or weight.stride(1) != 1 or x.shape[-1] != weight.shape[1]:
+        return False
+    if not 1 <= x.numel() // max(1, weight.shape[1]) <= DENSE_GEMV_MAX_M:
+        return False
+    ext, _ = _load()
+    return ext is not None and isa() in (("avx512bf16",) if x.dtype == torch.bfloat16 else ("avx512bf16", "avx512"))
+
+
+def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """y (..., N) in x.dtype for x (..., K) and a dense (N, K) weight, where `dense_gemv_runs` says so."""
+    ext, _ = _load()
+    return ext.gemv_dense(x, weight, bias, DENSE_GEMV_GRAIN_ROWS)
 
 
 BACKEND = Backend(
