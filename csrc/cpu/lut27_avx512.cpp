@@ -197,13 +197,14 @@ PTQTP_AVX512 void blocks(const Lut27Problem& p, int64_t rb, int64_t g0, int64_t 
         _mm512_store_ps(tot[t][b], _mm512_loadu_ps(part + t * part_stride + b * kLut27Rows));
     }
 
-  const int64_t ahead = B * G * 2 * W * kLut27Rows;  // the same group of the next B blocks
+  const int64_t ahead = 2 * B * G * 2 * W * kLut27Rows;  // the same group two passes (2 x B blocks) ahead
   for (int64_t g = g0; g < g1; ++g) {
     const int32_t* cw[J];
     for (int b = 0; b < B; ++b)
       for (int pl = 0; pl < 2; ++pl) cw[2 * b + pl] = p.codes + (((rb + b) * G + g) * 2 + pl) * W * kLut27Rows;
-    // into L2, one pass of B blocks ahead: the hardware prefetcher barely starts on streams this short (a
-    // block of a 576-column layer is 4.6 KB), so a decode step of a small model stalls on memory
+    // into L2, two passes of B blocks ahead (one pass, or an L1 hint, measured slower): the hardware
+    // prefetcher barely starts on streams this short (a block of a 576-column layer is 4.6 KB), so a decode
+    // step of a small model stalls on memory
     for (int j = 0; j < J; ++j)
       for (int64_t w = 0; w < W; ++w)
         _mm_prefetch(reinterpret_cast<const char*>(cw[j] + ahead + w * kLut27Rows), _MM_HINT_T1);
