@@ -87,7 +87,8 @@ def _available() -> tuple[bool, str]:
     ext, reason = _load()
     if ext is None:
         return False, reason
-    return True, {"avx512bf16": "AVX-512 lut27, AVX512-BF16 bf16dot", "avx512": "AVX-512 lut27",
+    return True, {"avx512bf16": "AVX-512 lut27, AVX512-BF16 bf16dot, dense head GEMV",
+                  "avx512": "AVX-512 lut27, dense head GEMV (fp32)",
                   "avx2": "AVX2 lut3"}.get(best_isa(), "generic C++ (no AVX2 on this CPU)")
 
 
