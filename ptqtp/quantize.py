@@ -76,9 +76,10 @@ def quantize_model(model: nn.Module, config: TritPlaneConfig | None = None) -> n
 
     The weights are those `ptqtp quantize` picks (`selection`). Each weight (each expert's, for fused experts) is
     decomposed in float32 on `config.device` with the same defaults as `ptqtp quantize`, packed, and wrapped in a
-    `TritPlaneLinear` / `TritPlaneExperts` on the module's own device (bias kept as is). When the model has a
-    transformers `config`, its `quantization_config` is set, so `model.save_pretrained(dir)` writes a directory
-    that `ptqtp.from_pretrained(dir)` loads (experts per expert, as `ptqtp quantize` writes them).
+    `TritPlaneLinear` / `TritPlaneExperts` on the module's own device (bias kept as is); the output head, kept
+    dense, becomes a `DenseHeadLinear` (same parameters: its decode calls run ptqtp's CPU GEMV). When the model
+    has a transformers `config`, its `quantization_config` is set, so `model.save_pretrained(dir)` writes a
+    directory that `ptqtp.from_pretrained(dir)` loads (experts per expert, as `ptqtp quantize` writes them).
 
     Args:
         model: any module holding `nn.Linear`s (weights (out, in), any float dtype, not on `meta`).
