@@ -192,8 +192,9 @@ def main(argv=None) -> None:
                         if isinstance(best.get((label, dt)), Exception):
                             continue
                         try:
-                            sec = _time_calls(lambda i, x=xs[dt]: ops.trit_linear_eager(x, *quant[i], None, GROUP, n_in),
-                                              n_layers, dev, args.min_time, args.max_iters)
+                            sec = _time_calls(
+                                lambda i, x=xs[dt]: ops.trit_linear_eager(x, *quant[i], None, GROUP, n_in),
+                                n_layers, dev, args.min_time, args.max_iters)
                         except Exception as err:  # a backend that cannot run this shape: say so in the table
                             best[(label, dt)] = err
                             continue

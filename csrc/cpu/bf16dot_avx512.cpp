@@ -9,10 +9,11 @@
 // pay one lookup per weight triple, plane and token.
 //
 // Tiles: R rows x T tokens of accumulators stay in registers over a block of kBlockCols columns (lanes run
-// along K; one block up to K = 16384), parked in a small per-piece buffer between blocks; one horizontal sum per (row, token) at the end. Activations are read from a bf16 copy made per call, laid out
-// by unit: the 64 columns of one unit for every token side by side (each group padded with zeros to whole
-// units), so one pointer and constant offsets reach every token. Rows are claimed in pieces
-// (parallel.h); the tokens are walked in passes of at most 8.
+// along K; one block up to K = 16384), parked in a small per-piece buffer between blocks; one horizontal sum
+// per (row, token) at the end. Activations are read from a bf16 copy made per call, laid out by unit: the 64
+// columns of one unit for every token side by side (each group padded with zeros to whole units), so one
+// pointer and constant offsets reach every token. Rows are claimed in pieces (parallel.h); the tokens are
+// walked in passes of at most 8.
 #include "trit_cpu.h"
 
 #include <algorithm>
