@@ -17,6 +17,7 @@ misreport their features); forcing one this CPU lacks raises `BadOptionError`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -24,7 +25,7 @@ import torch
 from ..errors import BadOptionError
 from ..native import load_cpu
 from . import cpu_layouts as layouts
-from . import layout_cache
+from . import huge_pages, layout_cache
 from .base import GEMV_MAX_M, Backend, KernelSpec, env_reader
 
 ENV_ISA = "PTQTP_CPU_ISA"
@@ -106,8 +107,18 @@ def kernel_for(m: int, dtype: torch.dtype, isa_name: str) -> str:
     return "lut27" if isa_name in ("avx512bf16", "avx512") else "lut3"
 
 
-_LAYOUTS = {"bf16dot": ("cpu_bf16dot", layouts.to_cpu_bf16dot), "lut27": ("cpu_lut27", layouts.to_cpu_lut27),
-            "lut3": ("cpu_lut3", layouts.to_cpu_lut3)}
+def _build_on_huge_pages(build):
+    """`build`, with the layout's tensors moved to huge-page-backed memory (`huge_pages`): every decode step
+    streams them once."""
+    def built(*args):
+        lay = build(*args)
+        return dataclasses.replace(lay, codes=huge_pages.place(lay.codes), scales=huge_pages.place(lay.scales))
+    return built
+
+
+_LAYOUTS = {kernel: (kind, _build_on_huge_pages(build)) for kernel, kind, build in (
+    ("bf16dot", "cpu_bf16dot", layouts.to_cpu_bf16dot), ("lut27", "cpu_lut27", layouts.to_cpu_lut27),
+    ("lut3", "cpu_lut3", layouts.to_cpu_lut3))}
 
 
 def layout_for(kernel: str, packed, scales, in_features: int, group_size: int):
@@ -150,9 +161,15 @@ def dense_gemv_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-    """y (..., N) in x.dtype for x (..., K) and a dense (N, K) weight, where `dense_gemv_runs` says so."""
+    """y (..., N) in x.dtype for x (..., K) and a dense (N, K) weight, where `dense_gemv_runs` says so. The first
+    call for a weight backs it with huge pages in place (`huge_pages.collapse`): it is streamed every token."""
     ext, _ = _load()
+    layout_cache.cached("dense_huge_pages", _collapse, weight, weight, weight.shape[1], 0)
     return ext.gemv_dense(x, weight, bias, DENSE_GEMV_GRAIN_ROWS)
+
+
+def _collapse(weight, _weight, _in_features, _group_size) -> bool:
+    return huge_pages.collapse(weight)
 
 
 BACKEND = Backend(
