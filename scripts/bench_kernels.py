@@ -5,7 +5,7 @@ For every shape (out x in) and token count M: time per call of each runnable bac
 F.linear (fp32 and bf16 on CPU, fp16 and bf16 on GPU), and the weight bandwidth it reached: the bytes of weight
 it reads per call (on CPU the runtime layout its kernel reads, e.g. 3.75 bits/weight for lut27; elsewhere the
 stored planes and scales) over the time, and that as a share of the device's copy bandwidth (bytes read plus
-bytes written per second by a large copy) measured in turns with the kernels in the same run (the best copy so far)
+bytes written per second by a large copy) timed in turns with each row's kernels (the best of those copies)
 and, on CPU, of the same copy between huge-page-backed buffers (the roofline of the runtime layouts, which live
 on huge pages). Each side cycles through enough distinct layers that
 the weights cannot stay in the last-level cache (CPU) or L2 (GPU) between calls.
@@ -94,7 +94,8 @@ def _bytes_read(name: str, m: int, dtype, layer, n_in: int) -> int | None:
 
 class _CopyBandwidth:
     """GB/s of a large device copy (read + write), the practical peak weights can stream at: the best of 5
-    copies per `measure()`, and the best of every measure() so far (the kernels keep their best window too).
+    copies per `measure()`, and the best of the measure() calls since `reset()`: one per repeat of a table row,
+    in turns with its kernels, which keep their best window too (the machine's bandwidth drifts over a run).
     On CPU also the same copy between huge-page-backed buffers (`huge_pages`, where Linux has them): the
     kernels' runtime layouts live on huge pages, so that is the machine's roofline for them."""
 
@@ -108,7 +109,7 @@ class _CopyBandwidth:
 
             if huge_pages.enabled():
                 self.huge = (huge_pages.place(self.plain[0]), huge_pages.place(self.plain[1]))
-        self.best = {"plain": 0.0, "huge": 0.0}
+        self.reset()
 
     def _copy(self, src, dst) -> float:
         dst.copy_(src)
@@ -120,6 +121,9 @@ class _CopyBandwidth:
             _sync(self.dev)
             best = min(best, time.perf_counter() - t0)
         return 2 * src.numel() * 4 / best / 1e9
+
+    def reset(self) -> None:
+        self.best = {"plain": 0.0, "huge": 0.0}
 
     def measure(self) -> None:
         for kind, pair in (("plain", self.plain), ("huge", self.huge)):
@@ -187,7 +191,8 @@ def main(argv=None) -> None:
     where = torch.cuda.get_device_name() if dev == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     huge = f", {copy.best['huge']:.1f} GB/s between huge-page buffers" if copy.huge is not None else ""
     print(f"# trit_linear vs dense F.linear on {where}; copy bandwidth {copy.best['plain']:.1f} GB/s{huge} at the "
-          f"start (each row's % divides by the best copy so far, timed in turns with the kernels); group {GROUP}; torch {torch.__version__}")
+          f"start (each row's % divides by the best copy timed in turns with its kernels); group {GROUP}; "
+          f"torch {torch.__version__}")
     d0, d1 = (str(d).removeprefix("torch.") for d in dense_dtypes)
     print(f"| shape (out x in) | M | backend | act | ms | dense {d0} ms | dense {d1} ms | x {d0} | x {d1} | "
           "weight MB read | GB/s | % copy BW | % huge-page copy BW |")
@@ -207,6 +212,7 @@ def main(argv=None) -> None:
             # window: on a shared machine a neighbour's burst then hits one window of either side, not a ratio
             base = dict.fromkeys(dense_dtypes, math.inf)
             best = {}  # (label, dtype) -> seconds per call, or the error that stopped it
+            copy.reset()
             for _ in range(args.repeats):
                 copy.measure()
                 for dt in dense_dtypes:

@@ -29,7 +29,7 @@ needs_thp = pytest.mark.skipif(not huge_pages.enabled(), reason="no transparent 
 @pytest.mark.parametrize("numel", [1, 1000, 3 << 20])
 def test_place_keeps_values_shape_dtype_and_alignment(dtype, numel):
     gen = torch.Generator().manual_seed(numel)
-    t = torch.randint(0, 100, (numel,), generator=gen).to(dtype).view(-1, 1) if numel > 1 else torch.ones(1, 1, dtype=dtype)
+    t = torch.randint(0, 100, (numel, 1), generator=gen).to(dtype)
     out = huge_pages.place(t)
     assert out.dtype == t.dtype and out.shape == t.shape and out.is_contiguous()
     assert torch.equal(out, t)
