@@ -61,7 +61,8 @@ def test_large_placed_tensors_get_huge_pages():
 def test_switched_off_by_env(monkeypatch):
     monkeypatch.setenv(huge_pages.ENV, "0")
     t = torch.arange(3 << 20, dtype=torch.int32)
-    assert not huge_pages.enabled()
+    assert not huge_pages.enabled() and huge_pages.why_not() == "PTQTP_HUGE_PAGES=0"
+    assert "4 KiB pages (PTQTP_HUGE_PAGES=0)" in cpu._available()[1] or cpu._load()[0] is None  # ptqtp info says so
     assert huge_pages.place(t) is t
     assert huge_pages.collapse(t) is False
 

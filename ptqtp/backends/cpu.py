@@ -88,9 +88,11 @@ def _available() -> tuple[bool, str]:
     ext, reason = _load()
     if ext is None:
         return False, reason
-    return True, {"avx512bf16": "AVX-512 lut27, AVX512-BF16 bf16dot, dense head GEMV",
-                  "avx512": "AVX-512 lut27, dense head GEMV (fp32)",
-                  "avx2": "AVX2 lut3"}.get(best_isa(), "generic C++ (no AVX2 on this CPU)")
+    kernels = {"avx512bf16": "AVX-512 lut27, AVX512-BF16 bf16dot, dense head GEMV",
+               "avx512": "AVX-512 lut27, dense head GEMV (fp32)",
+               "avx2": "AVX2 lut3"}.get(best_isa(), "generic C++ (no AVX2 on this CPU)")
+    pages = "2 MiB huge pages" if huge_pages.enabled() else f"4 KiB pages ({huge_pages.why_not()})"
+    return True, f"{kernels}; weights streamed from {pages}"
 
 
 def _supports(spec: KernelSpec) -> tuple[bool, str]:

@@ -27,6 +27,7 @@ ALIGN = 64  # every placed tensor starts on a cache line
 ENV = "PTQTP_HUGE_PAGES"  # "0": plain allocations (A/B benchmarks)
 _MADV_HUGEPAGE = 14  # Linux <sys/mman.h>
 _MADV_COLLAPSE = 25  # Linux 6.1+: back already-written memory with huge pages now
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 _lock = threading.Lock()
 _slab: torch.Tensor | None = None  # the slab small tensors are placed in, and the first free byte in it
@@ -46,15 +47,24 @@ def _libc_madvise():
     return _madvise
 
 
+def why_not() -> str | None:
+    """Why `place` leaves tensors on small pages here, or None when it backs them with huge pages."""
+    if os.environ.get(ENV, "1") == "0":
+        return f"{ENV}=0"
+    if not sys.platform.startswith("linux") or not _libc_madvise():
+        return "transparent huge pages are Linux only"
+    try:
+        with open(_THP_SETTING) as f:
+            if "[never]" in f.read():
+                return f"{_THP_SETTING} is never"
+    except OSError:
+        return "this kernel has no transparent huge pages"
+    return None
+
+
 def enabled() -> bool:
     """Whether `place` backs tensors with huge pages here: Linux, THP not `never`, not switched off."""
-    if os.environ.get(ENV, "1") == "0" or not sys.platform.startswith("linux") or not _libc_madvise():
-        return False
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return "[never]" not in f.read()
-    except OSError:
-        return False
+    return why_not() is None
 
 
 def _advise(ptr: int, nbytes: int, advice: int) -> bool:
