@@ -89,3 +89,15 @@ def test_cpu_layouts_are_placed_and_unchanged():
         lay, plain = cpu.layout_for(kernel, packed, scales, k, g), build(packed, scales, k, g)
         assert torch.equal(lay.codes, plain.codes) and torch.equal(lay.scales, plain.scales)
         assert lay.codes.data_ptr() % huge_pages.ALIGN == 0 and lay.scales.data_ptr() % huge_pages.ALIGN == 0
+
+
+def test_no_mapping_leaves_the_tensor_where_it_is(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(huge_pages.mmap, "mmap", refuse)
+    monkeypatch.setattr(huge_pages, "_slab", None)
+    t = torch.arange(1000, dtype=torch.int32)
+    assert huge_pages.place(t) is t
+    big = torch.arange(3 << 20, dtype=torch.int32)
+    assert huge_pages.place(big) is big

@@ -94,15 +94,18 @@ def place(t: torch.Tensor) -> torch.Tensor:
     global _slab, _slab_used
     t = t.contiguous()
     nbytes = t.numel() * t.element_size()
-    if nbytes >= OWN_REGION_BYTES:
-        buf, off = _region(nbytes)
-    else:
-        with _lock:
-            if _slab is None or _slab_used + nbytes > SLAB_BYTES:
-                _slab, base = _region(SLAB_BYTES)
-                _slab_used = base
-            buf, off = _slab, _slab_used
-            _slab_used = -(-(off + nbytes) // ALIGN) * ALIGN
+    try:
+        if nbytes >= OWN_REGION_BYTES:
+            buf, off = _region(nbytes)
+        else:
+            with _lock:
+                if _slab is None or _slab_used + nbytes > SLAB_BYTES:
+                    _slab, base = _region(SLAB_BYTES)
+                    _slab_used = base
+                buf, off = _slab, _slab_used
+                _slab_used = -(-(off + nbytes) // ALIGN) * ALIGN
+    except OSError:  # no address space for a mapping (ulimit -v, overcommit off): small pages work too
+        return t
     out = buf[off:off + nbytes].view(t.dtype).view(t.shape)
     out.copy_(t)
     return out
