@@ -4,9 +4,9 @@ Imports nothing from ptqtp. A decode step reads every runtime layout once (54 MB
 8B model). With 4 KiB pages that is a TLB miss per 4 KiB and a hardware prefetcher that stops at every page
 boundary; from huge pages the lut27 GEMV streams 14-18 % faster (eval/KERNELS.md). Memory is advised
 (`madvise(MADV_HUGEPAGE)`) before its first write, so the kernel backs it with huge pages whenever
-/sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise` (the usual default). A small layout (0.2
-MB for a 576 x 576 layer) would each fault in a whole huge page, so small layouts share 32 MiB slabs; a large
-one gets its own region, advised only over the huge pages it fills (its tail stays on small pages: no waste).
+/sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise` (the usual default). Small layouts (0.2
+MB for a 576 x 576 layer) would each fault in a whole huge page, so they share 32 MiB slabs; a layout of 8 MiB
+or more gets its own region, advised only over the huge pages it fills (its tail stays on small pages: no waste).
 Elsewhere (another OS, THP `never`, no libc `madvise`, PTQTP_HUGE_PAGES=0) `place` returns its input.
 """
 
