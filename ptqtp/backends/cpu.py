@@ -91,7 +91,8 @@ def _available() -> tuple[bool, str]:
     kernels = {"avx512bf16": "AVX-512 lut27, AVX512-BF16 bf16dot, dense head GEMV",
                "avx512": "AVX-512 lut27, dense head GEMV (fp32)",
                "avx2": "AVX2 lut3"}.get(best_isa(), "generic C++ (no AVX2 on this CPU)")
-    pages = "2 MiB huge pages" if huge_pages.enabled() else f"4 KiB pages ({huge_pages.why_not()})"
+    why_not = huge_pages.why_not()
+    pages = f"4 KiB pages ({why_not})" if why_not else "2 MiB huge pages"
     return True, f"{kernels}; weights streamed from {pages}"
 
 

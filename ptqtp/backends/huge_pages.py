@@ -13,6 +13,7 @@ Elsewhere (another OS, THP `never`, no libc `madvise`, PTQTP_HUGE_PAGES=0) `plac
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import sys
@@ -32,26 +33,23 @@ _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 _lock = threading.Lock()
 _slab: torch.Tensor | None = None  # the slab small tensors are placed in, and the first free byte in it
 _slab_used = 0
-_madvise = None
 
 
+@functools.cache
 def _libc_madvise():
-    global _madvise
-    if _madvise is None:
-        try:
-            fn = ctypes.CDLL(None, use_errno=True).madvise
-            fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
-            _madvise = fn
-        except (OSError, AttributeError):
-            _madvise = False
-    return _madvise
+    """libc's madvise, typed, or None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    return fn
 
 
-def why_not() -> str | None:
-    """Why `place` leaves tensors on small pages here, or None when it backs them with huge pages."""
-    if os.environ.get(ENV, "1") == "0":
-        return f"{ENV}=0"
-    if not sys.platform.startswith("linux") or not _libc_madvise():
+@functools.cache
+def _system_why_not() -> str | None:
+    """What the OS lacks for huge pages (read once: every layout placed asks)."""
+    if not sys.platform.startswith("linux") or _libc_madvise() is None:
         return "transparent huge pages are Linux only"
     try:
         with open(_THP_SETTING) as f:
@@ -60,6 +58,13 @@ def why_not() -> str | None:
     except OSError:
         return "this kernel has no transparent huge pages"
     return None
+
+
+def why_not() -> str | None:
+    """Why `place` leaves tensors on small pages here, or None when it backs them with huge pages."""
+    if os.environ.get(ENV, "1") == "0":
+        return f"{ENV}=0"
+    return _system_why_not()
 
 
 def enabled() -> bool:
