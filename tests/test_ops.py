@@ -111,6 +111,86 @@ def test_weight_change_is_seen():
     torch.testing.assert_close(y, ops.trit_linear_reference(x, packed, scales, None, 128, 160), rtol=1e-5, atol=1e-5)
 
 
+def test_decisions_are_reused_until_something_changes(monkeypatch):
+    """Decode calls each Linear once a token, hundreds a token: a call with the same weight and kind of input
+    dispatches nothing (the first call's checks, backend and kernel choice run again), and each of these makes
+    the next call decide afresh, with a right result: an in-place write to the planes, other scales, another
+    bias, another dtype or token class, another PTQTP_* value, `backends.clear_cache()`."""
+    picks = []
+    real = ops.backend_for
+    monkeypatch.setattr(ops, "backend_for", lambda *a: picks.append(a) or real(*a))
+    packed, scales, bias = _layer(16, 160, 64, seed=1)
+    other, _, _ = _layer(16, 160, 64, seed=2)
+
+    def run(x, p, s, b, decided: int):
+        y = ops.trit_linear_eager(x, p, s, b, 64, 160)
+        want = ops.trit_linear_reference(x.double().reshape(-1, 160), p, s, None if b is None else b.double(),
+                                         64, 160).reshape(*x.shape[:-1], 16)
+        assert ((y.double() - want).norm() / want.norm()).item() <= MAX_REL_ERR_VS_REFERENCE[x.dtype]
+        assert len(picks) == decided
+
+    x = torch.randn(1, 160)
+    run(x, packed, scales, bias, 1)
+    run(torch.randn(1, 160), packed, scales, bias, 1)
+    run(torch.randn(1, 1, 160), packed, scales, bias, 1)  # same token count, other leading dims
+    packed.copy_(other)
+    run(x, packed, scales, bias, 2)
+    scales = scales * 2
+    run(x, packed, scales, bias, 3)
+    run(x, packed, scales, None, 4)
+    run(x, packed, scales, bias, 5)
+    run(x.bfloat16(), packed, scales, bias.bfloat16(), 6)
+    run(torch.randn(3, 160), packed, scales, bias, 7)
+    run(x, packed, scales, bias, 7)  # both kinds of input stay bound
+    monkeypatch.setenv(backends.ENV_DISABLED, "triton")
+    run(x, packed, scales, bias, 8)
+    backends.clear_cache()
+    run(x, packed, scales, bias, 9)
+    with pytest.raises(BadOptionError, match="input has 161 features"):  # a wrong input is still refused
+        ops.trit_linear_eager(torch.randn(1, 161), packed, scales, bias, 64, 160)
+    with pytest.raises(RuntimeError, match="device"):  # not the bound CPU kernel: torch's own device check
+        ops.trit_linear_eager(torch.randn(1, 160, device="meta"), packed, scales, bias, 64, 160)
+
+
+def test_decisions_die_with_their_weight():
+    """What a call remembers (its runtime layout included) is freed with the weight, not kept for the process,
+    and a new weight never finds an old weight's entry."""
+    import gc
+    import weakref
+
+    from ptqtp.backends import layout_cache
+
+    packed, scales, _ = _layer(16, 160, 64, seed=1)
+    ops.trit_linear_eager(torch.randn(1, 160), packed, scales, None, 64, 160)
+    memo = layout_cache.per_tensor(packed)
+    assert any(k[0] == "call" for k in memo) and any(k[0] == "layout" for k in memo) == backends.available()["cpu"][0]
+    watch = [weakref.ref(v[-1]) for k, v in memo.items() if k[0] == "layout"]  # the layouts themselves
+    before = len(layout_cache._MEMOS)
+    del packed, scales, memo
+    gc.collect()
+    assert len(layout_cache._MEMOS) == before - 1 and all(w() is None for w in watch)
+    packed, scales, _ = _layer(16, 160, 64, seed=1)
+    assert layout_cache.per_tensor(packed) == {}
+
+
+def test_weights_made_under_inference_mode():
+    """A model built or loaded inside `torch.inference_mode()` holds inference tensors, which count no writes:
+    its layers still run (twice, through what the first call decided) and match the reference."""
+    from ptqtp import TritPlaneLinear
+
+    packed, scales, bias = _layer(16, 160, 64, seed=1)
+    with torch.inference_mode():
+        layer = TritPlaneLinear(160, 16, group_size=64)
+        layer.weight.copy_(packed)
+        layer.weight_scale.copy_(scales)
+        layer.bias.copy_(bias)
+        assert layer.weight.is_inference()
+        x = torch.randn(1, 160)
+        for _ in range(2):
+            torch.testing.assert_close(layer(x), ops.trit_linear_reference(x, packed, scales, bias, 64, 160),
+                                       rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("m", [1, 5, 40])
 def test_opcheck(m):
     packed, scales, bias = _layer(13, 100, 64)

@@ -28,7 +28,8 @@ from ..errors import BadOptionError, NoBackendError
 from .base import GEMV_MAX_M, Backend, KernelSpec, env_reader, kernel_kind, m_class
 
 __all__ = ["Backend", "KernelSpec", "GEMV_MAX_M", "kernel_kind", "m_class", "available", "backend_names",
-           "get_backend", "select_backend", "backend_for", "clear_cache", "dense_linear", "ENV_FORCE", "ENV_DISABLED"]
+           "get_backend", "select_backend", "backend_for", "dispatch_state", "clear_cache", "dense_linear", "ENV_FORCE",
+           "ENV_DISABLED"]
 
 ENV_FORCE = "PTQTP_BACKEND"
 ENV_DISABLED = "PTQTP_DISABLED_BACKENDS"
@@ -39,13 +40,16 @@ _BACKENDS: list[Backend] | None = None
 _CHOICE: dict[tuple, Backend] = {}
 _PER_CALL: dict[tuple, Backend] = {}  # backend_for's memo, keyed on the raw PTQTP_* values
 _raw_env = env_reader(ENV_FORCE, ENV_DISABLED)
+_all_env = None  # reader of every variable any dispatch reads (set with the registry)
+_generation = 0  # bumped by clear_cache
 _LOGGED: set[tuple[str, str]] = set()
 
 
 def _registry() -> list[Backend]:
-    global _BACKENDS
+    global _BACKENDS, _all_env
     if _BACKENDS is None:
         found = [importlib.import_module(f".{m}", __name__).BACKEND for m in _MODULES]
+        _all_env = env_reader(ENV_FORCE, ENV_DISABLED, *(name for b in found for name in b.env))
         _BACKENDS = sorted(found, key=lambda b: b.priority)
     return _BACKENDS
 
@@ -104,6 +108,15 @@ def backend_for(device: str, dtype, m: int, n: int, k: int, group_size: int) -> 
     return hit
 
 
+def dispatch_state() -> tuple:
+    """Everything besides the call itself that may change which kernel runs it: the raw values of every PTQTP_*
+    variable a dispatch reads (backends' own included) and `clear_cache`'s count. A call bound while this was
+    equal still makes the choice it made then."""
+    if _all_env is None:
+        _registry()
+    return _generation, _all_env()
+
+
 def _first_fit(spec: KernelSpec, disabled: frozenset[str], call: KernelSpec) -> Backend:
     reasons = []
     for b in _registry():
@@ -141,7 +154,10 @@ def _describe(spec: KernelSpec) -> str:
 
 
 def clear_cache() -> None:
-    """Forget cached choices and logged fallbacks (after changing PTQTP_* variables or the installed kernels)."""
+    """Forget cached choices and logged fallbacks (after changing PTQTP_* variables or the installed kernels);
+    what the op decided per weight before (`ops._BoundCall`) is decided again on the next call."""
+    global _generation
+    _generation += 1
     _CHOICE.clear()
     _PER_CALL.clear()
     _LOGGED.clear()

@@ -64,6 +64,10 @@ class KernelSpec:
 
 
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], int, int], torch.Tensor]
+# bind(m, dtype, packed, scales, group_size, in_features) -> run(x, packed, scales, bias): the call for M
+# tokens of `dtype` activations through this weight, every per-call choice (kernel, runtime layout, tuning
+# constants) made once
+BindFn = Callable[[int, torch.dtype, torch.Tensor, torch.Tensor, int, int], Callable[..., torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,8 @@ class Backend:
     With `takes_nd`, it takes x as (..., K) and returns a fresh contiguous (..., N) itself (flattening in
     Python costs a few microseconds a call, a large share of a small decode layer).
     `available()` is the import/toolchain check (cached by the backend); `supports(spec)` the shape/dtype rules.
+    `bind` (optional, needs `takes_nd`) fixes the backend's own per-call choices for one weight and token class,
+    so a decoding Linear pays them once (`ops._BoundCall`); `env` names the variables those choices read.
     """
 
     name: str
@@ -84,6 +90,8 @@ class Backend:
     supports: Callable[[KernelSpec], tuple[bool, str]]
     linear: LinearFn
     takes_nd: bool = False
+    bind: Optional[BindFn] = None
+    env: tuple[str, ...] = ()
 
     def check(self, spec: KernelSpec) -> tuple[bool, str]:
         """Device and dtype rules common to every backend, then the backend's own checks."""

@@ -132,21 +132,32 @@ def layout_for(kernel: str, packed, scales, in_features: int, group_size: int):
     return layout_cache.cached(kind, build, packed, scales, in_features, group_size)
 
 
-def trit_linear_cpu(x, packed, scales, bias, group_size: int, in_features: int) -> torch.Tensor:
-    """y (..., N) for x (..., K) on CPU: the decode kernel `kernel_for` picks, or C++ dequantize + F.linear."""
+def bind_cpu(m: int, dtype: torch.dtype, packed, scales, group_size: int, in_features: int):
+    """run(x, packed, scales, bias) for M tokens of `dtype` through this weight, the kernel `kernel_for` picks,
+    its runtime layout and tuning constants fixed now (`ops` binds once per weight and kind of input), or C++
+    dequantize + F.linear for prefill."""
     ext, _ = _load()
-    n = packed.shape[-2]
-    kernel = kernel_for(x.numel() // in_features, x.dtype, isa())
+    n, k, g = packed.shape[-2], in_features, group_size
+    kernel = kernel_for(m, dtype, isa())
     if kernel == "dequantize":
-        w = ext.dequantize(packed, scales, in_features, group_size, x.dtype)  # (N, K)
-        return torch.nn.functional.linear(x, w, bias)
-    lay = layout_for(kernel, packed, scales, in_features, group_size)
+        dequantize, linear = ext.dequantize, torch.nn.functional.linear
+        return lambda x, packed, scales, bias: linear(x, dequantize(packed, scales, k, g, x.dtype), bias)  # w (N, K)
+    lay = layout_for(kernel, packed, scales, k, g)
+    codes, lay_scales = lay.codes, lay.scales
     if kernel == "bf16dot":
-        return ext.gemv_bf16dot(x, lay.codes, lay.scales, bias, n, in_features, group_size, BF16DOT_GRAIN_ROWS)
+        fn, grain = ext.gemv_bf16dot, BF16DOT_GRAIN_ROWS
+        return lambda x, _p, _s, bias: fn(x, codes, lay_scales, bias, n, k, g, grain)
     if kernel == "lut27":
-        return ext.gemv_lut27(x, lay.codes, lay.scales, bias, n, in_features, group_size, lay.tail_in_spare,
-                              LUT27_TILE_BYTES, LUT27_MIN_WORK)  # (..., N) x.dtype
-    return ext.gemv_lut3(x, lay.codes, lay.scales, bias, n, in_features, group_size, isa() == "avx2")
+        fn, tail, tile, work = ext.gemv_lut27, lay.tail_in_spare, LUT27_TILE_BYTES, LUT27_MIN_WORK
+        return lambda x, _p, _s, bias: fn(x, codes, lay_scales, bias, n, k, g, tail, tile, work)  # (..., N) x.dtype
+    fn, avx2 = ext.gemv_lut3, isa() == "avx2"
+    return lambda x, _p, _s, bias: fn(x, codes, lay_scales, bias, n, k, g, avx2)
+
+
+def trit_linear_cpu(x, packed, scales, bias, group_size: int, in_features: int) -> torch.Tensor:
+    """y (..., N) for x (..., K) on CPU: `bind_cpu` for this one call."""
+    run = bind_cpu(x.numel() // in_features, x.dtype, packed, scales, group_size, in_features)
+    return run(x, packed, scales, bias)
 
 
 def dense_gemv_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -184,4 +195,6 @@ BACKEND = Backend(
     supports=_supports,
     linear=trit_linear_cpu,
     takes_nd=True,
+    bind=bind_cpu,
+    env=(ENV_ISA,),
 )
