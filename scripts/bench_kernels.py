@@ -5,10 +5,12 @@ For every shape (out x in) and token count M: time per call of each runnable bac
 F.linear (fp32 and bf16 on CPU, fp16 and bf16 on GPU), and the weight bandwidth it reached: the bytes of weight
 it reads per call (on CPU the runtime layout its kernel reads, e.g. 3.75 bits/weight for lut27; elsewhere the
 stored planes and scales) over the time, and that as a share of the device's copy bandwidth (bytes read plus
-bytes written per second by a large copy) timed in turns with each row's kernels (the best of those copies)
-and, on CPU, of the same copy between huge-page-backed buffers (the roofline of the runtime layouts, which live
-on huge pages). Each side cycles through enough distinct layers that
-the weights cannot stay in the last-level cache (CPU) or L2 (GPU) between calls.
+bytes written per second by a large copy) and, on CPU, of the same copy between huge-page-backed buffers (the
+roofline of the runtime layouts, which live on huge pages). The copy is timed exactly as the kernels are: a
+window of back-to-back copies of at least --min-time, one window in turns with each repeat of a row's
+kernels, the best window kept (the best single copy would be a maximum over many short samples, which the
+machine's drift lifts above any window a kernel can keep). Each side cycles through enough distinct layers
+that the weights cannot stay in the last-level cache (CPU) or L2 (GPU) between calls.
 
     python scripts/bench_kernels.py --quick                 # 4096x4096 and 576x1536, M = 1, 8
     python scripts/bench_kernels.py --device cuda           # the full table of the issue
@@ -93,15 +95,16 @@ def _bytes_read(name: str, m: int, dtype, layer, n_in: int) -> int | None:
 
 
 class _CopyBandwidth:
-    """GB/s of a large device copy (read + write), the practical peak weights can stream at: the best of 5
-    copies per `measure()`, and the best of the measure() calls since `reset()`: one per repeat of a table row,
-    in turns with its kernels, which keep their best window too (the machine's bandwidth drifts over a run).
-    On CPU also the same copy between huge-page-backed buffers (`huge_pages`, where Linux has them): the
-    kernels' runtime layouts live on huge pages, so that is the machine's roofline for them."""
+    """GB/s of a large device copy (read + write), the practical peak weights can stream at, timed like the
+    kernels: per `measure()` one window of back-to-back copies of at least `min_time` seconds, and the best of
+    the windows since `reset()`: one per repeat of a table row, in turns with its kernels, which keep their best
+    window too (the machine's bandwidth drifts over a run). On CPU also the same copy between huge-page-backed
+    buffers (`huge_pages`, where Linux has them): the kernels' runtime layouts live on huge pages, so that is
+    the machine's roofline for them."""
 
-    def __init__(self, dev: str):
+    def __init__(self, dev: str, min_time: float):
         n = (256 << 20) // 4
-        self.dev = dev
+        self.dev, self.min_time = dev, min_time
         self.plain = (torch.empty(n, device=dev).uniform_(), torch.empty(n, device=dev))
         self.huge = None
         if dev == "cpu":
@@ -114,13 +117,14 @@ class _CopyBandwidth:
     def _copy(self, src, dst) -> float:
         dst.copy_(src)
         _sync(self.dev)
-        best = math.inf
-        for _ in range(5):
-            t0 = time.perf_counter()
+        copies, t0 = 0, time.perf_counter()
+        while True:
             dst.copy_(src)
+            copies += 1
             _sync(self.dev)
-            best = min(best, time.perf_counter() - t0)
-        return 2 * src.numel() * 4 / best / 1e9
+            elapsed = time.perf_counter() - t0
+            if elapsed >= self.min_time and copies >= 3:
+                return 2 * src.numel() * 4 * copies / elapsed / 1e9
 
     def reset(self) -> None:
         self.best = {"plain": 0.0, "huge": 0.0}
@@ -131,9 +135,9 @@ class _CopyBandwidth:
                 self.best[kind] = max(self.best[kind], self._copy(*pair))
 
 
-def _copy_bandwidth(dev: str) -> float:
-    """GB/s of one large device copy (read + write), the best of 5."""
-    bw = _CopyBandwidth(dev)
+def _copy_bandwidth(dev: str, min_time: float) -> float:
+    """GB/s of a large device copy (read + write): one window of back-to-back copies of at least min_time."""
+    bw = _CopyBandwidth(dev, min_time)
     bw.measure()
     return bw.best["plain"]
 
@@ -186,12 +190,12 @@ def main(argv=None) -> None:
             runs += [(f"cpu ({isa})", name, isa) for isa in args.isas]
         else:
             runs.append((f"cpu ({_cpu_isa()})" if name == "cpu" else name, name, None))
-    copy = _CopyBandwidth(dev)
+    copy = _CopyBandwidth(dev, args.min_time)
     copy.measure()
     where = torch.cuda.get_device_name() if dev == "cuda" else f"{platform.processor() or 'cpu'}, {torch.get_num_threads()} threads"
     huge = f", {copy.best['huge']:.1f} GB/s between huge-page buffers" if copy.huge is not None else ""
     print(f"# trit_linear vs dense F.linear on {where}; copy bandwidth {copy.best['plain']:.1f} GB/s{huge} at the "
-          f"start (each row's % divides by the best copy timed in turns with its kernels); group {GROUP}; "
+          f"start (each row's % divides by the best copy window timed in turns with its kernels); group {GROUP}; "
           f"torch {torch.__version__}")
     d0, d1 = (str(d).removeprefix("torch.") for d in dense_dtypes)
     print(f"| shape (out x in) | M | backend | act | ms | dense {d0} ms | dense {d1} ms | x {d0} | x {d1} | "
@@ -308,7 +312,7 @@ def _main_cuda(args) -> None:
     ms = args.m or CUDA_MS
     names = args.backends or [n for n in ("cuda", "triton") if backends.available()[n][0]]
     dtypes = (torch.float16, torch.bfloat16)
-    peak = _copy_bandwidth("cuda")
+    peak = _copy_bandwidth("cuda", args.min_time)
     print(f"# trit_linear vs cuBLAS (F.linear) on {torch.cuda.get_device_name()}; copy bandwidth {peak:.0f} GB/s; "
           f"group {GROUP}; CUDA-graph replays; torch {torch.__version__}; backends: "
           + "; ".join(f"{n}: {backends.available()[n][1]}" for n in names))
