@@ -113,7 +113,7 @@ def test_weight_change_is_seen():
 
 def test_decisions_are_reused_until_something_changes(monkeypatch):
     """Decode calls each Linear once a token, hundreds a token: a call with the same weight and kind of input
-    dispatches nothing (the first call's checks, backend and kernel choice run again), and each of these makes
+    dispatches nothing (it runs what the first call decided: checks, backend, kernel), and each of these makes
     the next call decide afresh, with a right result: an in-place write to the planes, other scales, another
     bias, another dtype or token class, another PTQTP_* value, `backends.clear_cache()`."""
     picks = []
