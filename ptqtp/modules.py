@@ -121,8 +121,8 @@ class TritPlaneLinear(nn.Module):
 
 class DenseHeadLinear(nn.Linear):
     """The output head a quantized model keeps dense (`selection.pinned_dense`), computed by
-    `backends.dense_linear`: at decode on an AVX-512 CPU ptqtp's dense GEMV, which streams the weight at about
-    twice torch's rate there (the head of a small model is a large share of a token: SmolLM2-135M's is 113 MB in
+    `backends.dense_linear`: at decode on an AVX-512 CPU ptqtp's dense GEMV, which streams the weight at 2-3x
+    torch's rate there (the head of a small model is a large share of a token: SmolLM2-135M's is 113 MB in
     float32, more than all its quantized Linears), elsewhere `F.linear`. Only the class differs from `nn.Linear`:
     same parameters (a tie to the input embedding stays a tie), same state dict, same checkpoint."""
 

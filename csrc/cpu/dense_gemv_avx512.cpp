@@ -2,14 +2,14 @@
 // output head. At decode the head is the largest single read of a small model (SmolLM2-135M's 49152 x 576 head
 // is 113 MB in float32, more than all its quantized Linears together), and torch's CPU matrix-vector product
 // streams it at 9-12 GB/s on this 2-core machine; rows claimed in pieces by both cores (parallel.h) stream at
-// about twice that. Torch-free, compiled with target attributes like the other kernels.
+// 28-31 GB/s, 2-3x that. Torch-free, compiled with target attributes like the other kernels.
 //
 // Rows are read one after another, in address order: per row two accumulators per token (M <= 4) over the
 // whole row (K of a head is small: the hidden size), one horizontal sum per (row, token) at the end: float32
 // products summed in float32 (float32 weights), or pairs of bf16 products summed by `vdpbf16ps` into float32
 // (bf16 weights and activations), as oneDNN does. An earlier version walked 4 rows side by side (one weight
-// vector of each per step, sharing the activation loads) and streamed at half the rate on Zen 4: 49152 x 576
-// bf16 3.7-5.3 ms against 2.1 ms, fp32 7.9-10.2 against 4.9-5.2 (eval/KERNELS.md).
+// vector of each per step, sharing the activation loads) and streamed up to 40 % slower on Zen 4: 49152 x 576
+// bf16 2.9-3.0 ms against 1.8-2.2, fp32 4.7-5.4 against 3.0-4.7 (eval/KERNELS.md).
 #include "trit_cpu.h"
 
 #include <algorithm>

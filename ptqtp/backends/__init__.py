@@ -137,8 +137,8 @@ def _first_fit(spec: KernelSpec, disabled: frozenset[str], call: KernelSpec) -> 
 
 def dense_linear(x, weight, bias=None):
     """y = x @ weight.T + bias for a Linear a quantized model keeps dense (its output head, `DenseHeadLinear`):
-    the cpu backend's dense GEMV where it runs the call (decode on an AVX-512 CPU: it streams the weight at about
-    twice torch's rate there), else `F.linear`. Under PTQTP_BACKEND=<another backend> or with cpu in
+    the cpu backend's dense GEMV where it runs the call (decode on an AVX-512 CPU: it streams the weight at 2-3x
+    torch's rate there), else `F.linear`. Under PTQTP_BACKEND=<another backend> or with cpu in
     PTQTP_DISABLED_BACKENDS it is always `F.linear`."""
     from . import cpu
 
