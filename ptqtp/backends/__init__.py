@@ -38,8 +38,6 @@ _MODULES = ("cuda", "triton", "cpu", "reference")
 _log = logging.getLogger("ptqtp.backends")
 _BACKENDS: list[Backend] | None = None
 _CHOICE: dict[tuple, Backend] = {}
-_PER_CALL: dict[tuple, Backend] = {}  # backend_for's memo, keyed on the raw PTQTP_* values
-_raw_env = env_reader(ENV_FORCE, ENV_DISABLED)
 _all_env = None  # reader of every variable any dispatch reads (set with the registry)
 _generation = 0  # bumped by clear_cache
 _LOGGED: set[tuple[str, str]] = set()
@@ -99,13 +97,9 @@ def select_backend(spec: KernelSpec) -> Backend:
 
 
 def backend_for(device: str, dtype, m: int, n: int, k: int, group_size: int) -> Backend:
-    """`select_backend` for one call, memoised on the raw PTQTP_* values: the per-Linear fast path (no
-    KernelSpec and no parsing of the variables while nothing changed)."""
-    key = (device, dtype, m_class(m), n, k, group_size, _raw_env())
-    hit = _PER_CALL.get(key)
-    if hit is None:
-        hit = _PER_CALL[key] = select_backend(KernelSpec(device, dtype, m, n, k, group_size))
-    return hit
+    """`select_backend` for one call. The op asks it once per weight and kind of input and keeps the answer
+    (`ops._BoundCall`), so it needs no memo of its own beyond `select_backend`'s."""
+    return select_backend(KernelSpec(device, dtype, m, n, k, group_size))
 
 
 def dispatch_state() -> tuple:
@@ -159,5 +153,4 @@ def clear_cache() -> None:
     global _generation
     _generation += 1
     _CHOICE.clear()
-    _PER_CALL.clear()
     _LOGGED.clear()
