@@ -137,8 +137,8 @@ def bind_cpu(m: int, dtype: torch.dtype, packed, scales, group_size: int, in_fea
     its runtime layout and tuning constants fixed now (`ops` binds once per weight and kind of input), or C++
     dequantize + F.linear for prefill."""
     ext, _ = _load()
-    n, k, g = packed.shape[-2], in_features, group_size
-    kernel = kernel_for(m, dtype, isa())
+    n, k, g, isa_name = packed.shape[-2], in_features, group_size, isa()
+    kernel = kernel_for(m, dtype, isa_name)
     if kernel == "dequantize":
         dequantize, linear = ext.dequantize, torch.nn.functional.linear
         return lambda x, packed, scales, bias: linear(x, dequantize(packed, scales, k, g, x.dtype), bias)  # w (N, K)
@@ -150,7 +150,7 @@ def bind_cpu(m: int, dtype: torch.dtype, packed, scales, group_size: int, in_fea
     if kernel == "lut27":
         fn, tail, tile, work = ext.gemv_lut27, lay.tail_in_spare, LUT27_TILE_BYTES, LUT27_MIN_WORK
         return lambda x, _p, _s, bias: fn(x, codes, lay_scales, bias, n, k, g, tail, tile, work)  # (..., N) x.dtype
-    fn, avx2 = ext.gemv_lut3, isa() == "avx2"
+    fn, avx2 = ext.gemv_lut3, isa_name == "avx2"
     return lambda x, _p, _s, bias: fn(x, codes, lay_scales, bias, n, k, g, avx2)
 
 
