@@ -1,7 +1,7 @@
 """The CPU GEMV kernels (`ptqtp._C`), one ISA at a time, against the reference backend.
 
-Every ISA this CPU runs is forced in turn with PTQTP_CPU_ISA (avx512bf16: bf16dot for bf16 activations at M >= 2,
-lut27 otherwise; avx512: lut27; avx2 and generic: lut3); an ISA the CPU lacks is skipped with the reason. Shapes are chosen to hit every edge of the layouts: out not a multiple of
+Every ISA this CPU runs is forced in turn with PTQTP_CPU_ISA (amx: bf16amx for bf16 activations at M >= 2, lut27
+otherwise; avx512bf16: bf16dot for bf16 activations at M >= 2, lut27 otherwise; avx512: lut27; avx2 and generic: lut3); an ISA the CPU lacks is skipped with the reason. Shapes are chosen to hit every edge of the layouts: out not a multiple of
 16 or 64, in not a multiple of 3, 5 or 128, a partial last group, group sizes whose chunk count puts the last
 code in the spare bits (128) or in a word of its own (20, 32, 64, 256).
 """
@@ -94,17 +94,19 @@ def test_every_token_count(isa, m, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("m", [2, 8, 11])
-def test_bf16dot_rows_longer_than_a_column_block(m, monkeypatch):
-    """bf16dot walks K in blocks of 16384 columns and parks its running sums between blocks: a row that spans
-    two blocks (and ends in a partial group) matches the reference like a short one."""
-    _isa_or_skip("avx512bf16")
-    monkeypatch.setenv(cpu.ENV_ISA, "avx512bf16")
+@pytest.mark.parametrize("isa,kernel", [("avx512bf16", "bf16dot"), ("amx", "bf16amx")])
+def test_bf16dot_rows_longer_than_a_column_block(m, isa, kernel, monkeypatch):
+    """bf16dot walks K in blocks of 16384 columns and parks its running sums between blocks, bf16amx keeps a
+    whole row in its tiles: a row that spans two blocks (and ends in a partial group) matches the reference
+    like a short one."""
+    _isa_or_skip(isa)
+    monkeypatch.setenv(cpu.ENV_ISA, isa)
     n, k = 35, 16384 + 300
     packed, scales, bias = _layer(n, k, 128, seed=4)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
     want = ops.trit_linear_reference(x.double(), packed, scales, bias.double(), 128, k)
     y = ops.trit_linear(x, packed, scales, bias.to(torch.bfloat16), 128, k)
-    assert cpu.kernel_for(m, torch.bfloat16, "avx512bf16") == "bf16dot"
+    assert cpu.kernel_for(m, torch.bfloat16, isa) == kernel
     assert _rel_err(y, want) <= MAX_REL_ERR_VS_REFERENCE[torch.bfloat16]
 
 

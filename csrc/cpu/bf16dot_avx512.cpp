@@ -19,8 +19,13 @@
 #include <algorithm>
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define PTQTP_BF16DOT 1
+#if defined(__linux__)
+#include <sys/syscall.h>  // arch_prctl: the permission to use the AMX tile state
+#include <unistd.h>
+#endif
 #else
 #define PTQTP_BF16DOT 0
 #endif
@@ -194,15 +199,201 @@ PTQTP_AVX512BF16 void rows(const Bf16DotProblem& p, int64_t ra, int64_t rb) {
   }
 }
 
+// ---- the same decode, with the dot products on AMX tiles ---------------------------------------------------
+// vdpbf16ps does 32 multiply-adds per instruction and token, so at M = 8 bf16dot spends twice as long on dots
+// as on decoding. With AMX one tdpbf16ps multiplies a 16 x 32 tile of decoded weights (A: 16 rows, the 32
+// columns of half a unit) by the 32 x M activations (B, pairs of columns side by side per token) into 16 x M
+// float32 sums (C), in about the time the vector unit decodes those 16 rows: the decode and the memory stream
+// are left, whatever M. The weights carry their scales (the same nine-value tables), so C sums the whole row.
+#define PTQTP_AMX __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: tmm0-3 the sums (C) of four 16-row blocks, each its own chain of tdpbf16ps (one chain waits on the
+// instruction's latency: two blocks ran at half the speed); tmm4/5 the decoded weights (A) of one block for the
+// unit's low and high 32 columns, reloaded per block; tmm6/7 the activations (B) of those columns.
+PTQTP_AMX void amx_configure(int64_t m) {
+  TileConfig c;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = 16;
+    c.colsb[t] = static_cast<uint16_t>(t == 4 || t == 5 ? 64 : 4 * m);
+  }
+  _tile_loadconfig(&c);
+}
+
+constexpr int kAmxBlocks = 4;
+
+struct AmxScratch {
+  alignas(64) uint16_t a[kAmxBlocks][2][16][32];  // (block, half, row, column): decoded weights, tiles A
+  alignas(64) __m512i tab[kAmxBlocks][16];        // the nine-value tables of the current group, per block and row
+  alignas(64) float c[16][16];                    // one C tile, to add the bias and store
+};
+
+// C of block b += A (s.a[b]) x B, and C of block b to s.c: the intrinsics paste tile numbers into the
+// instruction text, so each block gets its own line
+PTQTP_AMX inline void amx_dot(int b, const AmxScratch& s) {
+  _tile_loadd(4, s.a[b][0], 64);
+  _tile_loadd(5, s.a[b][1], 64);
+  switch (b) {
+#define PTQTP_AMX_DOT(C) case C: _tile_dpbf16ps(C, 4, 6); _tile_dpbf16ps(C, 5, 7); break;
+    PTQTP_AMX_DOT(0) PTQTP_AMX_DOT(1) PTQTP_AMX_DOT(2) PTQTP_AMX_DOT(3)
+#undef PTQTP_AMX_DOT
+  }
+}
+
+PTQTP_AMX inline void amx_store(int b, AmxScratch& s) {
+  switch (b) {
+#define PTQTP_AMX_STORE(C) case C: _tile_stored(C, s.c, 64); break;
+    PTQTP_AMX_STORE(0) PTQTP_AMX_STORE(1) PTQTP_AMX_STORE(2) PTQTP_AMX_STORE(3)
+#undef PTQTP_AMX_STORE
+  }
+}
+
+// B (1..4) 16-row blocks from row r0 over all columns: rows past n are decoded as zeros and not stored.
+template <int B>
+PTQTP_AMX void amx_blocks(const Bf16DotProblem& p, int64_t r0, AmxScratch& s) {
+  const int64_t G = p.groups, U = p.units, m = p.m, rb = r0 / 16;
+  const __m512 d1 = _mm512_load_ps(kDigits.t1), d2 = _mm512_load_ps(kDigits.t2);
+  int live[B];
+  for (int b = 0; b < B; ++b) {
+    live[b] = static_cast<int>(std::clamp<int64_t>(p.n - r0 - 16 * b, 0, 16));
+    for (int r = live[b]; r < 16; ++r)
+      for (int h = 0; h < 2; ++h) _mm512_store_si512(s.a[b][h][r], _mm512_setzero_si512());
+  }
+  _tile_zero(0);
+  if (B > 1) _tile_zero(1);
+  if (B > 2) _tile_zero(2);
+  if (B > 3) _tile_zero(3);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int b = 0; b < B; ++b) {
+      const float* sc = p.scales + ((rb + b) * G + g) * 32;  // (a1, a2) of the block's 16 rows
+      for (int r = 0; r < live[b]; ++r) s.tab[b][r] = weight_table(sc + 2 * r, d1, d2);
+    }
+    for (int64_t u = 0; u < U; ++u) {
+      const uint16_t* xb = p.x + (g * U + u) * 64 * m;  // B of the low half; the high half 32 * m further
+      _tile_loadd(6, xb, 4 * m);
+      _tile_loadd(7, xb + 32 * m, 4 * m);
+      for (int b = 0; b < B; ++b) {
+        const uint8_t* unit = p.codes + (((rb + b) * G + g) * U + u) * 512;  // 16 rows x 32 bytes
+        for (int r = 0; r < live[b]; ++r) {
+          __m512bh lo, hi;
+          decode_unit(unit + 32 * r, s.tab[b][r], lo, hi);
+          _mm512_store_si512(s.a[b][0][r], (__m512i)lo);
+          _mm512_store_si512(s.a[b][1][r], (__m512i)hi);
+        }
+        amx_dot(b, s);
+      }
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    amx_store(b, s);
+    for (int r = 0; r < live[b]; ++r) {
+      const int64_t row = r0 + 16 * b + r;
+      const float bias = p.bias ? p.bias[row] : 0.0f;
+      for (int64_t t = 0; t < m; ++t) p.y[t * p.y_stride + row] = s.c[r][t] + bias;
+    }
+  }
+}
+
+PTQTP_AMX void amx_rows(const Bf16DotProblem& p, int64_t ra, int64_t rb) {
+  AmxScratch s;
+  amx_configure(p.m);
+  for (; ra < rb; ra += 16 * kAmxBlocks) {
+    switch (std::min<int64_t>(kAmxBlocks, (rb - ra + 15) / 16)) {
+      case 1: amx_blocks<1>(p, ra, s); break;
+      case 2: amx_blocks<2>(p, ra, s); break;
+      case 3: amx_blocks<3>(p, ra, s); break;
+      default: amx_blocks<4>(p, ra, s); break;
+    }
+  }
+  _tile_release();
+}
+
+// 16 rows of 16 dwords, transposed in registers (unpack 32, unpack 64, two 128-bit lane shuffles)
+PTQTP_AVX512BF16 inline void transpose16(__m512i (&r)[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    b[4 * j] = _mm512_unpacklo_epi64(a[4 * j], a[4 * j + 2]);
+    b[4 * j + 1] = _mm512_unpackhi_epi64(a[4 * j], a[4 * j + 2]);
+    b[4 * j + 2] = _mm512_unpacklo_epi64(a[4 * j + 1], a[4 * j + 3]);
+    b[4 * j + 3] = _mm512_unpackhi_epi64(a[4 * j + 1], a[4 * j + 3]);
+  }
+  for (int q = 0; q < 4; ++q) {  // b[4j + q], 128-bit lane L: rows 4j..4j+3 of column 4L + q
+    const __m512i c1 = _mm512_shuffle_i32x4(b[q], b[4 + q], 0x88), c2 = _mm512_shuffle_i32x4(b[q], b[4 + q], 0xDD);
+    const __m512i d1 = _mm512_shuffle_i32x4(b[8 + q], b[12 + q], 0x88);
+    const __m512i d2 = _mm512_shuffle_i32x4(b[8 + q], b[12 + q], 0xDD);
+    r[q] = _mm512_shuffle_i32x4(c1, d1, 0x88);
+    r[8 + q] = _mm512_shuffle_i32x4(c1, d1, 0xDD);
+    r[4 + q] = _mm512_shuffle_i32x4(c2, d2, 0x88);
+    r[12 + q] = _mm512_shuffle_i32x4(c2, d2, 0xDD);
+  }
+}
+
 }  // namespace
 
 void gemv_bf16dot(const Bf16DotProblem& p) {
+  if (p.amx) {  // rows in pieces of whole 16-row blocks
+    const int64_t blocks = (p.n + 15) / 16, grain = std::max<int64_t>(1, p.grain_rows / 16);
+    parallel_items(blocks, grain, p.threads,
+                   [&](int64_t b0, int64_t b1) { amx_rows(p, 16 * b0, std::min(p.n, 16 * b1)); });
+    return;
+  }
   parallel_items(p.n, p.grain_rows, p.threads, [&](int64_t ra, int64_t rb) { rows(p, ra, rb); });
+}
+
+PTQTP_AVX512BF16 void amx_activations(const uint16_t* x, int64_t m, int64_t k, int64_t group_size, int64_t groups, int64_t units,
+                     uint16_t* out) {
+  const __mmask16 tokens = static_cast<__mmask16>((1u << m) - 1u);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t u = 0; u < units; ++u) {
+      const int64_t c0 = g * group_size + u * kBf16DotUnit;
+      const int64_t cols = std::min<int64_t>({kBf16DotUnit, group_size - u * kBf16DotUnit, k - c0});
+      for (int h = 0; h < 2; ++h) {
+        uint16_t* dst = out + ((g * units + u) * 2 + h) * 16 * m * 2;  // 16 rows of m column pairs
+        const int64_t ch = std::clamp<int64_t>(cols - 32 * h, 0, 32);
+        const __mmask32 live = ch == 32 ? ~0u : static_cast<__mmask32>((1u << ch) - 1u);
+        __m512i r[16];
+        for (int64_t t = 0; t < 16; ++t)
+          r[t] = t < m && ch > 0 ? _mm512_maskz_loadu_epi16(live, x + t * k + c0 + 32 * h) : _mm512_setzero_si512();
+        transpose16(r);
+        for (int p = 0; p < 16; ++p) _mm512_mask_storeu_epi32(dst + p * m * 2, tokens, r[p]);
+      }
+    }
+}
+
+bool amx_usable() {
+  static const bool usable = [] {
+#if defined(__linux__) && defined(__x86_64__)
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!(d & (1u << 22)) || !(d & (1u << 24))) return false;  // AMX-BF16, AMX-TILE
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & (1u << 27))) return false;  // OSXSAVE
+    unsigned lo, hi;
+    __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & (3u << 17)) != (3u << 17)) return false;  // the OS saves the tile config and data
+    // Linux hands out the 8 KB tile state per process on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+#else
+    return false;
+#endif
+  }();
+  return usable;
 }
 
 #else  // not x86: never selected (cpu_best_isa() returns generic)
 
 void gemv_bf16dot(const Bf16DotProblem&) {}
+void amx_activations(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, uint16_t*) {}
+bool amx_usable() { return false; }
 
 #endif
 

@@ -183,31 +183,42 @@ torch::Tensor gemv_lut27_op(const torch::Tensor& x, const torch::Tensor& codes, 
 
 torch::Tensor gemv_bf16dot_op(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
                               const c10::optional<torch::Tensor>& bias, int64_t n, int64_t k, int64_t group_size,
-                              int64_t grain_rows) {
+                              int64_t grain_rows, bool amx) {
   check_x(x, k, "ptqtp gemv_bf16dot");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16, "ptqtp gemv_bf16dot: x must be bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(cpu_best_isa() >= kAvx512Bf16, "ptqtp gemv_bf16dot: this CPU (or this build) has no AVX512-BF16");
+  TORCH_CHECK(cpu_best_isa() >= (amx ? kAmx : kAvx512Bf16), "ptqtp gemv_bf16dot: this CPU (or this build) has no ",
+              amx ? "AMX-BF16 (or the OS refused its tile state)" : "AVX512-BF16");
   const int64_t m = x.numel() / k, groups = (k + group_size - 1) / group_size;
   const int64_t units = (group_size + kBf16DotUnit - 1) / kBf16DotUnit;
-  TORCH_CHECK(codes.dim() == 4 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() &&
-                  codes.size(0) == n && codes.size(1) == groups && codes.size(2) == units && codes.size(3) == 32,
-              "ptqtp gemv_bf16dot: codes must be contiguous uint8 (", n, ", ", groups, ", ", units, ", 32), got ",
+  // bf16dot: codes (N, G, U, 32), scales (N, G, 2); amx: rows in blocks of 16, (R, G, U, 16, 32) and (R, G, 16, 2)
+  const std::vector<int64_t> want_codes = amx ? std::vector<int64_t>{(n + 15) / 16, groups, units, 16, 32}
+                                              : std::vector<int64_t>{n, groups, units, 32};
+  const std::vector<int64_t> want_scales = amx ? std::vector<int64_t>{(n + 15) / 16, groups, 16, 2}
+                                               : std::vector<int64_t>{n, groups, 2};
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.is_contiguous() && codes.sizes() == want_codes,
+              "ptqtp gemv_bf16dot: codes must be contiguous uint8 ", c10::IntArrayRef(want_codes), ", got ",
               codes.sizes());
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.dim() == 3 &&
-                  scales.size(0) == n && scales.size(1) == groups && scales.size(2) == 2,
-              "ptqtp gemv_bf16dot: scales must be contiguous float32 (", n, ", ", groups, ", 2), got ", scales.sizes());
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() && scales.sizes() == want_scales,
+              "ptqtp gemv_bf16dot: scales must be contiguous float32 ", c10::IntArrayRef(want_scales), ", got ",
+              scales.sizes());
   TORCH_CHECK(m >= 1 && m <= kLut27MaxTokens, "ptqtp gemv_bf16dot: M=", m, " tokens, the decode kernel takes 1..",
               kLut27MaxTokens);
   torch::Tensor bias_keep;
   Bf16DotProblem p{};
   p.bias = bias_f32(bias, n, bias_keep);
-  // x as (G * U, m, 64) bf16: the 64 columns of a unit for every token side by side, groups zero-padded
+  // x by unit of 64 columns, groups zero-padded: (G * U, m, 64), the columns of a unit for every token side by
+  // side; for AMX (G * U, 2, 16, m, 2), the B tiles: per half unit, row p holds columns 2p and 2p + 1 of every token
   const auto xc = x.contiguous();
   const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
   // 64-byte aligned: an unaligned zmm load spans two cache lines (measured 5-15 % slower)
-  tl_xb.assign(groups * units * m * kBf16DotUnit + 32, 0);
+  if (amx) {
+    tl_xb.resize(groups * units * m * kBf16DotUnit + 32);
+  } else {
+    tl_xb.assign(groups * units * m * kBf16DotUnit + 32, 0);
+  }
   uint16_t* xb = tl_xb.data() + (-(reinterpret_cast<uintptr_t>(tl_xb.data()) / 2) & 31);
-  for (int64_t g = 0; g < groups; ++g)
+  if (amx) amx_activations(src, m, k, group_size, groups, units, xb);
+  for (int64_t g = 0; g < groups && !amx; ++g)
     for (int64_t u = 0; u < units; ++u) {
       const int64_t c0 = g * group_size + u * kBf16DotUnit;
       const int64_t cols = std::min<int64_t>({kBf16DotUnit, group_size - u * kBf16DotUnit, k - c0});
@@ -224,6 +235,7 @@ torch::Tensor gemv_bf16dot_op(const torch::Tensor& x, const torch::Tensor& codes
   p.units = units;
   p.grain_rows = grain_rows;
   p.threads = at::get_num_threads();
+  p.amx = amx;
   Output out(out_shape(x, n), m, n, x.scalar_type());
   p.y = out.f32;
   p.y_stride = n;
@@ -301,7 +313,8 @@ torch::Tensor dequantize(const torch::Tensor& packed, const torch::Tensor& scale
 }
 
 const char* isa_name(int isa) {
-  return isa == kAvx512Bf16 ? "avx512bf16" : isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "generic";
+  return isa == kAmx ? "amx" : isa == kAvx512Bf16 ? "avx512bf16" : isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2"
+                                                                                                  : "generic";
 }
 
 }  // namespace
@@ -309,7 +322,8 @@ const char* isa_name(int isa) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ptqtp CPU kernels (lut27 AVX-512 GEMV, lut3 AVX2 / generic GEMV, dequantize)";
   m.def("gemv_lut27", &gemv_lut27_op, "y (..., N) in x.dtype from x (..., K) and the lut27 layout (AVX-512F)");
-  m.def("gemv_bf16dot", &gemv_bf16dot_op, "y (..., N) in bf16 from bf16 x (..., K) and the bf16dot layout");
+  m.def("gemv_bf16dot", &gemv_bf16dot_op,
+        "y (..., N) in bf16 from bf16 x (..., K) and the bf16dot layout (amx: the dot products on AMX tiles)");
   m.def("contention_stalls", [] { return contention().stalls.load(); },
         "calls whose threads stalled on a busy machine so far (each switches the next calls to one thread)");
   m.def("gemv_dense", &gemv_dense_op,
@@ -317,5 +331,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_lut3", &gemv_lut3_op, "y (..., N) in x.dtype from x (..., K) and the lut3 layout (AVX2 or generic)");
   m.def("dequantize", &dequantize, "dense (N, K) weight from the storage format");
   m.def("best_isa", [] { return std::string(isa_name(cpu_best_isa())); },
-        "best kernel ISA of this CPU and build: avx512bf16, avx512, avx2 or generic");
+        "best kernel ISA of this CPU and build: amx, avx512bf16, avx512, avx2 or generic");
 }

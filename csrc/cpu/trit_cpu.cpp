@@ -14,7 +14,7 @@ int cpu_best_isa() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();  // libgcc also checks that the OS saves the ymm / zmm state (XCR0)
   if (lut27_compiled() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
-    return bf16dot_compiled() && __builtin_cpu_supports("avx512bf16") ? kAvx512Bf16 : kAvx512;
+    return !bf16dot_compiled() || !__builtin_cpu_supports("avx512bf16") ? kAvx512 : amx_usable() ? kAmx : kAvx512Bf16;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
 #endif
   return kGeneric;

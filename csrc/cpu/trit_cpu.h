@@ -17,10 +17,11 @@
 
 namespace ptqtp_cpu {
 
-enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAmx = 4 };
 
-// Best kernel ISA this CPU and OS run: AVX-512F+BW+BF16 (bf16dot for bf16 activations, lut27 otherwise),
-// AVX-512F+BW (lut27), AVX2+FMA (lut3), or generic (lut3 scalar).
+// Best kernel ISA this CPU and OS run: AMX-BF16 on top of AVX512-BF16 (the bf16dot decode with AMX dot
+// products), AVX-512F+BW+BF16 (bf16dot for bf16 activations, lut27 otherwise), AVX-512F+BW (lut27), AVX2+FMA
+// (lut3), or generic (lut3 scalar).
 int cpu_best_isa();
 
 // ---- lut3 (AVX2 and generic) -------------------------------------------------------------------------------
@@ -69,7 +70,8 @@ constexpr int kBf16DotUnit = 64;          // columns per 32-byte unit of codes (
 constexpr int kBf16DotMaxPieceRows = 32;  // rows walked together per pass over a block of columns
 
 struct Bf16DotProblem {
-  const uint16_t* x;      // (G * U, m, 64) bf16 bits: unit-major, each group zero-padded to U units of 64 columns
+  const uint16_t* x;      // bf16 bits, unit-major, each group zero-padded to U units of 64 columns:
+                          // (G * U, m, 64), or with amx (G * U, 2, 16, m, 2): per half unit, column pairs x tokens
   const uint8_t* codes;   // (N, G, U, 32): byte j of a unit = code of column j | code of column 32 + j << 4
   const float* scales;    // (N, G, 2) float32: a1, a2
   const float* bias;      // (n,) or null
@@ -78,9 +80,14 @@ struct Bf16DotProblem {
   int64_t m, n, groups, units;
   int64_t grain_rows;     // rows per claimed piece of work
   int threads;
+  bool amx;               // dot products on AMX tiles (needs amx_usable())
 };
 
 bool bf16dot_compiled();
+bool amx_usable();  // this CPU has AMX-BF16 and the OS granted this process the tile state (asked once)
+// x (m <= 16, k) bf16 bits, row-major, into the amx activation layout of Bf16DotProblem::x (all of it written)
+void amx_activations(const uint16_t* x, int64_t m, int64_t k, int64_t group_size, int64_t groups, int64_t units,
+                     uint16_t* out);
 void gemv_bf16dot(const Bf16DotProblem& p);
 
 // ---- dense GEMV (AVX-512F float32 / AVX512-BF16 bfloat16): the Linears a quantized model keeps dense ----------

@@ -4,14 +4,15 @@ users get.
 Imports `cpu_layouts`, `layout_cache`, `native`, `errors` and `base`. Decode (M <= GEMV_MAX_M) runs a GEMV on a
 runtime layout converted once per weight (`layout_for`); `kernel_for` is the one place that picks it by tokens,
 activation dtype and ISA:
-"bf16dot" (AVX512-BF16, bf16 activations, M >= BF16DOT_MIN_M: weights decoded once per tile of tokens, then
-`vdpbf16ps`), "lut27" (AVX-512F/BW: table lookups without multiplications), "lut3" (AVX2, or its portable
+"bf16amx" (AMX-BF16, bf16 activations, M >= BF16DOT_MIN_M: bf16dot's decode and layout, with the dot products on
+AMX tiles), "bf16dot" (AVX512-BF16, bf16 activations, M >= BF16DOT_MIN_M: weights decoded once per tile of
+tokens, then `vdpbf16ps`), "lut27" (AVX-512F/BW: table lookups without multiplications), "lut3" (AVX2, or its portable
 scalar twin). The kernels add the bias and cast to the activation dtype themselves, and split their rows over
 torch's threads in pieces claimed at run time (`csrc/cpu/parallel.h`: a call that finds the cores contended
 moves the next calls to one thread; `contention_stalls` counts those). Prefill dequantizes in C++ (same float32
 rounding as the reference) and calls `F.linear`, which is compute-bound there anyway.
 
-`PTQTP_CPU_ISA=auto|avx512bf16|avx512|avx2|generic` forces one ISA level (for tests, and for CPUs that
+`PTQTP_CPU_ISA=auto|amx|avx512bf16|avx512|avx2|generic` forces one ISA level (for tests, and for CPUs that
 misreport their features); forcing one this CPU lacks raises `BadOptionError`.
 """
 
@@ -29,7 +30,8 @@ from . import huge_pages, layout_cache
 from .base import GEMV_MAX_M, Backend, KernelSpec, env_reader
 
 ENV_ISA = "PTQTP_CPU_ISA"
-ISAS = ("avx512bf16", "avx512", "avx2", "generic")  # best first
+ISAS = ("amx", "avx512bf16", "avx512", "avx2", "generic")  # best first
+_AVX512 = ISAS[:3]  # the levels that run lut27 and the dense head GEMV
 # fewest tokens for which the bf16dot kernel (decode once per tile of tokens) beats lut27 on bf16 activations
 BF16DOT_MIN_M = 2
 # rows per piece of work the bf16dot kernel's threads claim
@@ -52,7 +54,7 @@ _load = load_cpu  # (module, how) or (None, why): found, or built on first use, 
 
 
 def best_isa() -> str:
-    """The fastest kernel ISA this CPU and build run: avx512, avx2 or generic."""
+    """The fastest kernel ISA this CPU and build run: amx, avx512bf16, avx512, avx2 or generic."""
     ext, _ = _load()
     return ext.best_isa() if ext is not None else "generic"
 
@@ -88,7 +90,8 @@ def _available() -> tuple[bool, str]:
     ext, reason = _load()
     if ext is None:
         return False, reason
-    kernels = {"avx512bf16": "AVX-512 lut27, AVX512-BF16 bf16dot, dense head GEMV",
+    kernels = {"amx": "AVX-512 lut27, AMX-BF16 bf16amx, dense head GEMV",
+               "avx512bf16": "AVX-512 lut27, AVX512-BF16 bf16dot, dense head GEMV",
                "avx512": "AVX-512 lut27, dense head GEMV (fp32)",
                "avx2": "AVX2 lut3"}.get(best_isa(), "generic C++ (no AVX2 on this CPU)")
     why_not = huge_pages.why_not()
@@ -102,12 +105,12 @@ def _supports(spec: KernelSpec) -> tuple[bool, str]:
 
 def kernel_for(m: int, dtype: torch.dtype, isa_name: str) -> str:
     """The one place that picks the CPU kernel for M tokens of `dtype` activations on an ISA level:
-    "dequantize" (+ F.linear, prefill), "bf16dot", "lut27" or "lut3"."""
+    "dequantize" (+ F.linear, prefill), "bf16amx", "bf16dot", "lut27" or "lut3"."""
     if m > GEMV_MAX_M:
         return "dequantize"  # compute-bound: a GEMV would redo the decode or the lookups per token
-    if isa_name == "avx512bf16" and dtype == torch.bfloat16 and m >= BF16DOT_MIN_M:
-        return "bf16dot"
-    return "lut27" if isa_name in ("avx512bf16", "avx512") else "lut3"
+    if isa_name in ("amx", "avx512bf16") and dtype == torch.bfloat16 and m >= BF16DOT_MIN_M:
+        return "bf16amx" if isa_name == "amx" else "bf16dot"
+    return "lut27" if isa_name in _AVX512 else "lut3"
 
 
 def _build_on_huge_pages(build):
@@ -120,7 +123,8 @@ def _build_on_huge_pages(build):
 
 
 _LAYOUTS = {kernel: (kind, _build_on_huge_pages(build)) for kernel, kind, build in (
-    ("bf16dot", "cpu_bf16dot", layouts.to_cpu_bf16dot), ("lut27", "cpu_lut27", layouts.to_cpu_lut27),
+    ("bf16dot", "cpu_bf16dot", layouts.to_cpu_bf16dot), ("bf16amx", "cpu_bf16amx", layouts.to_cpu_bf16amx),
+    ("lut27", "cpu_lut27", layouts.to_cpu_lut27),
     ("lut3", "cpu_lut3", layouts.to_cpu_lut3))}
 
 
@@ -144,9 +148,9 @@ def bind_cpu(m: int, dtype: torch.dtype, packed, scales, group_size: int, in_fea
         return lambda x, packed, scales, bias: linear(x, dequantize(packed, scales, k, g, x.dtype), bias)  # w (N, K)
     lay = layout_for(kernel, packed, scales, k, g)
     codes, lay_scales = lay.codes, lay.scales
-    if kernel == "bf16dot":
-        fn, grain = ext.gemv_bf16dot, BF16DOT_GRAIN_ROWS
-        return lambda x, _p, _s, bias: fn(x, codes, lay_scales, bias, n, k, g, grain)
+    if kernel in ("bf16dot", "bf16amx"):
+        fn, grain, amx = ext.gemv_bf16dot, BF16DOT_GRAIN_ROWS, kernel == "bf16amx"
+        return lambda x, _p, _s, bias: fn(x, codes, lay_scales, bias, n, k, g, grain, amx)
     if kernel == "lut27":
         fn, tail, tile, work = ext.gemv_lut27, lay.tail_in_spare, LUT27_TILE_BYTES, LUT27_MIN_WORK
         return lambda x, _p, _s, bias: fn(x, codes, lay_scales, bias, n, k, g, tail, tile, work)  # (..., N) x.dtype
@@ -171,7 +175,7 @@ def dense_gemv_runs(x: torch.Tensor, weight: torch.Tensor) -> bool:
     if not 1 <= x.numel() // max(1, weight.shape[1]) <= DENSE_GEMV_MAX_M:
         return False
     ext, _ = _load()
-    return ext is not None and isa() in (("avx512bf16",) if x.dtype == torch.bfloat16 else ("avx512bf16", "avx512"))
+    return ext is not None and isa() in (_AVX512[:2] if x.dtype == torch.bfloat16 else _AVX512)
 
 
 def dense_gemv(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:

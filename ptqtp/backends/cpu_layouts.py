@@ -43,6 +43,14 @@ CPU "bf16dot" layout (`CpuBf16DotLayout`), for the AVX512-BF16 GEMV in `csrc/cpu
         codes   uint8   (N, G, U, 32)
         scales  float32 (N, G, 2)
     At g = 128: 4 + 2 * 32 / 128 = 4.5 bits per weight in memory.
+
+CPU "bf16amx" layout (also a `CpuBf16DotLayout`), for the same decode feeding AMX tiles: the bf16dot codes and
+scales with the rows taken 16 at a time (one AMX tile of weights; rows past N get code 4 and zero scales), a
+block's 16 rows of one unit side by side, so the kernel streams one run of memory per 16 rows instead of one
+per row (64 short streams at a time lose the hardware prefetcher).
+
+        codes   uint8   (R, G, U, 16, 32)      R = ceil(out / 16)
+        scales  float32 (R, G, 16, 2)
 """
 
 from __future__ import annotations
@@ -175,8 +183,8 @@ BF16DOT_UNIT = 64  # columns per 32-byte unit: two 4-bit codes per byte
 
 @dataclass(frozen=True)
 class CpuBf16DotLayout:
-    codes: torch.Tensor  # uint8 (N, G, U, 32)
-    scales: torch.Tensor  # float32 (N, G, 2)
+    codes: torch.Tensor  # uint8 (N, G, U, 32); bf16amx: (R, G, U, 16, 32)
+    scales: torch.Tensor  # float32 (N, G, 2); bf16amx: (R, G, 16, 2)
     out_features: int
     in_features: int
     group_size: int
@@ -197,4 +205,15 @@ def to_cpu_bf16dot(packed: torch.Tensor, scales: torch.Tensor, in_features: int,
         parts.append(code[..., 0, :] | (code[..., 1, :] << 4))  # (rows, G, U, 32)
     codes = torch.cat(parts).contiguous()
     s = scales.cpu().to(torch.float32).permute(1, 2, 0).contiguous()  # (N, G, 2)
+    return CpuBf16DotLayout(codes, s, n, in_features, group_size)
+
+
+def to_cpu_bf16amx(packed: torch.Tensor, scales: torch.Tensor, in_features: int, group_size: int) -> CpuBf16DotLayout:
+    """The bf16dot layout with rows in blocks of 16, a block's rows of one unit side by side."""
+    lay = to_cpu_bf16dot(packed, scales, in_features, group_size)
+    n, pad = lay.out_features, -lay.out_features % LUT27_ROWS
+    codes = torch.nn.functional.pad(lay.codes, (0, 0, 0, 0, 0, 0, 0, pad), value=4 | 4 << 4)
+    codes = codes.view(-1, LUT27_ROWS, *codes.shape[1:]).permute(0, 2, 3, 1, 4).contiguous()  # (R, G, U, 16, 32)
+    s = torch.nn.functional.pad(lay.scales, (0, 0, 0, 0, 0, pad))
+    s = s.view(-1, LUT27_ROWS, *s.shape[1:]).permute(0, 2, 1, 3).contiguous()  # (R, G, 16, 2)
     return CpuBf16DotLayout(codes, s, n, in_features, group_size)
