@@ -3,12 +3,13 @@
 //
 // Three GEMV families, picked at run time by ISA (cpu_best_isa) and activation dtype:
 //   bf16dot (AVX-512 BF16, bf16 activations): per (row, group) a table of the nine bf16 weight values; one
-//     vpermw decodes 32 weights of a row, which feed one vdpbf16ps per token.
+//     vpermw decodes 32 weights of a row, which feed one vdpbf16ps per token. With AMX-BF16 (Bf16DotProblem::amx,
+//     "bf16amx") the decoded 16 rows x 32 columns are a tile that one tdpbf16ps multiplies by all tokens.
 //   lut27 (AVX-512F): per token and chunk of 3 columns a table of the 27 signed sums d0*x0 + d1*x1 + d2*x2,
 //     looked up for 16 rows x 1 plane by one vpermt2ps on a 5-bit code per (row, chunk, plane).
 //   lut3 (AVX2 + scalar twin): per chunk the 8 subset sums of 3 columns, looked up by vpermps with the +1 (P)
 //     and -1 (N) masks: t . x = S[P] - S[N].
-// Both: no multiplication per weight; the two scales multiply the partial sums once per (row, group).
+// lut27 and lut3: no multiplication per weight; the two scales multiply the partial sums once per (row, group).
 //
 // Activations come in as float32 (the binding converts bf16 / fp16); outputs are float32 with the bias added
 // (the binding casts to the activation dtype when that is not float32).
