@@ -227,8 +227,8 @@ PTQTP_AVX512BF16 inline void transpose16(__m512i (&r)[16]) {
 // vdpbf16ps does 32 multiply-adds per instruction and token, so at M = 8 bf16dot spends twice as long on dots
 // as on decoding. With AMX one tdpbf16ps multiplies a 16 x 32 tile of decoded weights (A: 16 rows, the 32
 // columns of half a unit) by the 32 x M activations (B, pairs of columns side by side per token) into 16 x M
-// float32 sums (C), in about the time the vector unit decodes those 16 rows: the decode and the memory stream
-// are left, whatever M. The weights carry their scales (the same nine-value tables), so C sums the whole row.
+// float32 sums (C), in less time than the vector unit takes to decode those rows (about half, measured): the
+// decode and the memory stream are left, whatever M. The weights carry their scales (the same nine-value tables), so C sums the whole row.
 #define PTQTP_AMX __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
 
 struct alignas(64) TileConfig {
@@ -238,8 +238,8 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tiles: tmm0-3 the sums (C) of four 16-row blocks, each its own chain of tdpbf16ps (one chain waits on the
-// instruction's latency: two blocks ran at half the speed); tmm4/5 the decoded weights (A) of one block for the
+// Tiles: tmm0-3 the sums (C) of four 16-row blocks, each its own chain of tdpbf16ps so that the instruction's
+// latency overlaps (two chains: 8 % slower); tmm4/5 the decoded weights (A) of one block for the
 // unit's low and high 32 columns, reloaded per block; tmm6/7 the activations (B) of those columns.
 PTQTP_AMX void amx_configure(int64_t m) {
   TileConfig c;
