@@ -238,8 +238,10 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Tiles: tmm0-3 the sums (C) of four 16-row blocks, each its own chain of tdpbf16ps so that the instruction's
-// latency overlaps (two chains: 8 % slower); tmm4/5 the decoded weights (A) of one block for the
+// Tiles: tmm0-3 the sums (C) of up to four 16-row blocks, each its own chain of tdpbf16ps so that the
+// instruction's latency overlaps (on one thread, two chains were 8 % slower than four; the threads claim pieces
+// of BF16DOT_GRAIN_ROWS = 32 rows, two chains, which balances small layers better: pieces of 64 rows timed within
+// noise on 4096x4096 and 1536x576); tmm4/5 the decoded weights (A) of one block for the
 // unit's low and high 32 columns, reloaded per block; tmm6/7 the activations (B) of those columns.
 PTQTP_AMX void amx_configure(int64_t m) {
   TileConfig c;
