@@ -228,7 +228,8 @@ PTQTP_AVX512BF16 inline void transpose16(__m512i (&r)[16]) {
 // as on decoding. With AMX one tdpbf16ps multiplies a 16 x 32 tile of decoded weights (A: 16 rows, the 32
 // columns of half a unit) by the 32 x M activations (B, pairs of columns side by side per token) into 16 x M
 // float32 sums (C), in less time than the vector unit takes to decode those rows (about half, measured): the
-// decode and the memory stream are left, whatever M. The weights carry their scales (the same nine-value tables), so C sums the whole row.
+// decode and the memory stream are left, whatever M. The weights carry their scales (the same nine-value
+// tables), so C sums the whole row.
 #define PTQTP_AMX __attribute__((target("avx512f,avx512bw,avx512bf16,amx-tile,amx-bf16")))
 
 struct alignas(64) TileConfig {
@@ -357,8 +358,8 @@ void gemv_bf16dot(const Bf16DotProblem& p) {
   parallel_items(p.n, p.grain_rows, p.threads, [&](int64_t ra, int64_t rb) { rows(p, ra, rb); });
 }
 
-PTQTP_AVX512BF16 void amx_activations(const uint16_t* x, int64_t m, int64_t k, int64_t group_size, int64_t groups, int64_t units,
-                     uint16_t* out) {
+PTQTP_AVX512BF16 void amx_activations(const uint16_t* x, int64_t m, int64_t k, int64_t group_size, int64_t groups,
+                                      int64_t units, uint16_t* out) {
   const __mmask16 tokens = static_cast<__mmask16>((1u << m) - 1u);
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t u = 0; u < units; ++u) {
@@ -387,8 +388,9 @@ bool amx_usable() {
     unsigned lo, hi;
     __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     if ((lo & (3u << 17)) != (3u << 17)) return false;  // the OS saves the tile config and data
-    // Linux hands out the 8 KB tile state per process on request (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
-    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+    // Linux hands out the 8 KB tile state per process on request
+    constexpr int kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 #else
     return false;
 #endif
